@@ -1,0 +1,30 @@
+"""spdjax: Stochastic Parameter Decomposition in JAX.
+
+The core is pure: parameters are pytrees, every operation a function of (params, batch, key).
+"""
+
+from spdjax.ci import CIParams, init_ci
+from spdjax.components import Components, materialised_kernel, masked_site_output
+from spdjax.decomposition import SPDParams, init_decomposition
+from spdjax.losses import LossConfig, loss_fn
+from spdjax.sites import SitePattern, SiteSpec
+from spdjax.targets import Target, from_apply, from_nnx
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CIParams",
+    "Components",
+    "LossConfig",
+    "SPDParams",
+    "SitePattern",
+    "SiteSpec",
+    "Target",
+    "from_apply",
+    "from_nnx",
+    "init_ci",
+    "init_decomposition",
+    "loss_fn",
+    "masked_site_output",
+    "materialised_kernel",
+]

@@ -1,0 +1,147 @@
+"""Sites: the linear maps of a target that get decomposed, and how to compute with them.
+
+A site maps an input `a` with leading axes `*lead` (batch, positions, ...) and trailing feature
+axes `in_shape` to an output with trailing axes `out_shape`. Internally every site is the matrix
+`kernel: (d_in, d_out)` with `y = flat(a) @ kernel + bias` (the transpose of the paper's W), so
+subcomponents are stored as `V: (d_in, C)` and `U: (C, d_out)` with `kernel ~ V @ U`.
+
+Kinds: `linear` (nnx.Linear, pure-function linears), `embed` (row look-up; `a` holds integer ids,
+`in_shape == ()`, `d_in` = vocabulary size), `einsum` (nnx.Einsum whose contracted axes trail the
+input and whose new axes trail the output), `identity` (an inserted d x d identity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+KINDS = ("linear", "embed", "einsum", "identity")
+IDENTITY_SUFFIX = ".pre_identity"
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteSpec:
+    """Static description of one site (hashable; lives in jit's static structure)."""
+
+    name: str
+    kind: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    C: int
+    d_in: int
+    tied_to: str | None = None  # the primary site whose (transposed) components this site uses
+    einsum_str: str | None = None
+
+    @property
+    def d_out(self) -> int:
+        return math.prod(self.out_shape)
+
+    @property
+    def param_name(self) -> str:
+        """Name of the component parameters this site uses."""
+        return self.tied_to or self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class SitePattern:
+    """A glob over module paths (e.g. `layers.*.mlp_in`) and the C for every site it matches."""
+
+    pattern: str
+    C: int
+
+
+def as_patterns(sites) -> tuple[SitePattern, ...]:
+    """Accepts SitePattern, (pattern, C) pairs or a {pattern: C} mapping."""
+    if isinstance(sites, dict):
+        sites = list(sites.items())
+    out = []
+    for s in sites:
+        p = s if isinstance(s, SitePattern) else SitePattern(*s)
+        if not isinstance(p.C, int) or isinstance(p.C, bool) or p.C <= 0:
+            raise ValueError(f"sites: C for pattern {p.pattern!r} must be a positive int, got {p.C!r}")
+        out.append(p)
+    if not out:
+        raise ValueError("sites: at least one site pattern is required")
+    return tuple(out)
+
+
+def match_patterns(
+    patterns: Sequence[SitePattern], paths: Sequence[str]
+) -> dict[str, SitePattern]:
+    """Maps each matched path to its pattern. Errors: a pattern matching nothing, a path matched twice."""
+    matched: dict[str, SitePattern] = {}
+    for pat in patterns:
+        hits = [p for p in paths if fnmatch.fnmatchcase(p, pat.pattern)]
+        if not hits:
+            raise ValueError(
+                f"site pattern {pat.pattern!r} matches no decomposable layer; "
+                f"available paths: {sorted(paths)}"
+            )
+        for h in hits:
+            if h in matched:
+                raise ValueError(
+                    f"layer {h!r} is matched by two site patterns: "
+                    f"{matched[h].pattern!r} and {pat.pattern!r}"
+                )
+            matched[h] = pat
+    return matched
+
+
+def flat_input(spec: SiteSpec, a: Array) -> Array:
+    """`(*lead, *in_shape) -> (*lead, d_in)` for dense kinds."""
+    if not spec.in_shape:
+        raise ValueError(f"site {spec.name!r}: embed inputs have no dense feature axis")
+    lead = a.shape[: a.ndim - len(spec.in_shape)]
+    return a.reshape(*lead, spec.d_in)
+
+
+def lead_shape(spec: SiteSpec, a: Array) -> tuple[int, ...]:
+    """Leading (batch, position, ...) axes of a site input."""
+    return a.shape[: a.ndim - len(spec.in_shape)]
+
+
+def inner_acts(spec: SiteSpec, a: Array, V: Float[Array, "d_in C"]) -> Float[Array, "*lead C"]:
+    """Inner activations h = a V (embed: the rows V[a])."""
+    if spec.kind == "embed":
+        return jnp.take(V, a, axis=0)
+    return flat_input(spec, a) @ V
+
+
+def dense_features(spec: SiteSpec, a: Array, dtype=jnp.float32) -> Float[Array, "*lead d_in"]:
+    """The site input as dense features (embed: one-hot ids), for vector/shared CI functions."""
+    if spec.kind == "embed":
+        return jax.nn.one_hot(a, spec.d_in, dtype=dtype)
+    return flat_input(spec, a)
+
+
+def unflat_output(spec: SiteSpec, y: Float[Array, "*lead d_out"]) -> Array:
+    return y.reshape(*y.shape[:-1], *spec.out_shape)
+
+
+def apply_kernel(spec: SiteSpec, a: Array, kernel: Float[Array, "d_in d_out"]) -> Array:
+    """Target site map without bias: `(*lead, *in_shape) -> (*lead, *out_shape)`."""
+    if spec.kind == "embed":
+        return jnp.take(kernel, a, axis=0)
+    if spec.kind == "identity":
+        return a
+    return unflat_output(spec, flat_input(spec, a) @ kernel)
+
+
+def identity_spec(site: SiteSpec, C: int) -> SiteSpec:
+    """The identity site inserted before `site` (acts on that site's input)."""
+    if site.kind == "embed":
+        raise ValueError(f"identity insertion before embedding site {site.name!r} is not supported")
+    return SiteSpec(
+        name=site.name + IDENTITY_SUFFIX,
+        kind="identity",
+        in_shape=site.in_shape,
+        out_shape=site.in_shape,
+        C=C,
+        d_in=site.d_in,
+    )
