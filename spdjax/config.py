@@ -1,0 +1,132 @@
+"""ml_collections ConfigDict -> frozen, validated dataclasses. Every error names the field.
+
+Layout of a run config (see configs/*.py):
+
+    experiment: str            # experiment family, e.g. "tms"
+    seed: int
+    target: ConfigDict         # family-specific target settings
+    sites: ((pattern, C), ...) # glob over module paths and C per matched site
+    tied: ((site, primary), ...)
+    identity: ((pattern, C), ...)   # identity inserted before the matched layers
+    ci: {type, hidden}
+    loss: {coeffs: {term: coeff}, n_mask_samples, mask_type, use_delta_component, sigmoid,
+           output_loss, pnorm, p_anneal_*, minimality_beta, ci_l0_threshold}
+    optim: {steps, lr, schedule, warmup_frac, final_lr_frac, clip_components, clip_ci,
+            faithfulness_warmup_steps, faithfulness_warmup_lr, faithfulness_warmup_weight_decay}
+    batch_size: int, eval_batch_size: int, log_every: int
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from spdjax.ci import CI_KINDS
+from spdjax.losses import LossConfig
+from spdjax.sites import SitePattern, as_patterns
+from spdjax.train import OptimConfig
+
+TOP_LEVEL = {
+    "experiment", "seed", "target", "sites", "tied", "identity", "ci", "loss", "optim",
+    "batch_size", "eval_batch_size", "log_every",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    experiment: str
+    seed: int
+    target: Any  # ConfigDict, interpreted by the experiment family
+    sites: tuple[SitePattern, ...]
+    tied: tuple[tuple[str, str], ...]
+    identity: tuple[SitePattern, ...]
+    ci_type: str
+    ci_hidden: tuple[int, ...]
+    loss: LossConfig
+    optim: OptimConfig
+    batch_size: int
+    eval_batch_size: int
+    log_every: int
+
+
+def _to_dict(section, name: str) -> dict:
+    if section is None:
+        return {}
+    if isinstance(section, ml_collections.ConfigDict):
+        return section.to_dict()
+    if isinstance(section, dict):
+        return dict(section)
+    raise TypeError(f"config.{name} must be a ConfigDict/dict, got {type(section).__name__}")
+
+
+def _dataclass_from(cls, values: dict, section: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"config.{section}: unknown field(s) {unknown}; allowed: {sorted(fields)}")
+    return cls(**values)
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config.{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def loss_config_from(section) -> LossConfig:
+    values = _to_dict(section, "loss")
+    coeffs = values.pop("coeffs", None)
+    if coeffs is not None:
+        coeffs = _to_dict(coeffs, "loss.coeffs")
+        for k, v in coeffs.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"config.loss.coeffs.{k} must be a number, got {v!r}")
+        values["coeffs"] = tuple((k, float(v)) for k, v in coeffs.items())
+    try:
+        return _dataclass_from(LossConfig, values, "loss")
+    except TypeError as e:
+        raise ValueError(f"config.loss: {e}") from None
+
+
+def parse(cfg: ml_collections.ConfigDict) -> RunConfig:
+    """Validate a run config; raises ValueError naming the offending field."""
+    unknown = sorted(set(cfg.keys()) - TOP_LEVEL)
+    if unknown:
+        raise ValueError(f"config: unknown field(s) {unknown}; allowed: {sorted(TOP_LEVEL)}")
+    ci = _to_dict(cfg.get("ci"), "ci")
+    bad = sorted(set(ci) - {"type", "hidden"})
+    if bad:
+        raise ValueError(f"config.ci: unknown field(s) {bad}; allowed: ['hidden', 'type']")
+    ci_type = ci.get("type", "mlp")
+    if ci_type not in CI_KINDS:
+        raise ValueError(f"config.ci.type: unknown CI function {ci_type!r}; allowed: {list(CI_KINDS)}")
+    hidden = tuple(ci.get("hidden", (16,)))
+    if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+        raise ValueError(f"config.ci.hidden must be positive ints, got {hidden!r}")
+    try:
+        sites = as_patterns(tuple(tuple(s) for s in cfg.sites))
+        identity = as_patterns(tuple(tuple(s) for s in cfg.get("identity", ()) or ())) if cfg.get("identity") else ()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.sites/identity: {e}") from None
+    optim_values = _to_dict(cfg.get("optim"), "optim")
+    try:
+        optim = _dataclass_from(OptimConfig, optim_values, "optim")
+    except TypeError as e:
+        raise ValueError(f"config.optim: {e}") from None
+    return RunConfig(
+        experiment=str(cfg.experiment),
+        seed=int(cfg.get("seed", 0)),
+        target=cfg.get("target"),
+        sites=sites,
+        tied=tuple(tuple(t) for t in (cfg.get("tied", ()) or ())),
+        identity=identity,
+        ci_type=ci_type,
+        ci_hidden=hidden,
+        loss=loss_config_from(cfg.get("loss")),
+        optim=optim,
+        batch_size=_positive_int(cfg.get("batch_size", 1024), "batch_size"),
+        eval_batch_size=_positive_int(cfg.get("eval_batch_size", cfg.get("batch_size", 1024)), "eval_batch_size"),
+        log_every=_positive_int(cfg.get("log_every", 100), "log_every"),
+    )

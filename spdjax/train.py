@@ -1,0 +1,226 @@
+"""Optimisation: Adam with warm-up + constant/linear/cosine schedules, per-group gradient clipping,
+the faithfulness warm-up, and one jitted train step (state in, state out, state donated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array
+
+from spdjax.components import faithfulness_loss
+from spdjax.decomposition import SPDParams
+from spdjax.losses import LossConfig, loss_fn
+from spdjax.targets.base import Target
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Adam (b1 0.9, b2 0.999, eps 1e-8, no weight decay) and its schedule.
+
+    The LR rises linearly from 0 over `warmup_frac * steps`, then follows `schedule` from `lr` down to
+    `final_lr_frac * lr` at the last step (`constant` stays at `lr`).
+    """
+
+    steps: int
+    lr: float = 1e-3
+    schedule: str = "cosine"
+    warmup_frac: float = 0.0
+    final_lr_frac: float = 0.0
+    clip_components: float | None = None  # max global grad norm of U, V (None: no clipping)
+    clip_ci: float | None = None  # max global grad norm of the CI functions
+    faithfulness_warmup_steps: int = 0
+    faithfulness_warmup_lr: float = 0.01
+    faithfulness_warmup_weight_decay: float = 0.1
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"optim.steps must be an int >= 1, got {self.steps!r}")
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule: unknown {self.schedule!r}; allowed: {list(SCHEDULES)}")
+        if not 0.0 <= self.warmup_frac <= 1.0:
+            raise ValueError(f"optim.warmup_frac must be in [0, 1], got {self.warmup_frac!r}")
+        for f in ("clip_components", "clip_ci"):
+            v = getattr(self, f)
+            if v is not None and not v > 0:
+                raise ValueError(f"optim.{f} must be > 0 or None, got {v!r}")
+        if self.faithfulness_warmup_steps < 0:
+            raise ValueError(
+                f"optim.faithfulness_warmup_steps must be >= 0, got {self.faithfulness_warmup_steps!r}"
+            )
+
+
+def make_schedule(cfg: OptimConfig) -> optax.Schedule:
+    warm = int(round(cfg.warmup_frac * cfg.steps))
+    rest = max(cfg.steps - warm, 1)
+    final = cfg.lr * cfg.final_lr_frac
+    if cfg.schedule == "constant":
+        main = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "linear":
+        main = optax.linear_schedule(cfg.lr, final, rest)
+    else:
+        main = optax.cosine_decay_schedule(cfg.lr, rest, alpha=cfg.final_lr_frac)
+    if warm == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), main], [warm])
+
+
+def clip_by_group(clip_components: float | None, clip_ci: float | None) -> optax.GradientTransformation:
+    """Clip the global gradient norm of the components and of the CI functions separately."""
+
+    def init_fn(params):
+        return optax.EmptyState()
+
+    def clip(tree, max_norm):
+        if max_norm is None:
+            return tree
+        norm = optax.global_norm(tree)
+        scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
+        return jax.tree.map(lambda g: g * scale, tree)
+
+    def update_fn(updates: SPDParams, state, params=None):
+        return SPDParams(clip(updates.components, clip_components), clip(updates.ci, clip_ci)), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        clip_by_group(cfg.clip_components, cfg.clip_ci),
+        optax.adam(make_schedule(cfg), b1=0.9, b2=0.999, eps=1e-8),
+    )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    step: Array  # int32 scalar: optimiser steps taken
+    params: SPDParams
+    opt_state: Any
+    key: Array  # base key; the step key is fold_in(key, step)
+
+
+def init_train_state(params: SPDParams, optimizer: optax.GradientTransformation, key: Array) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), key)
+
+
+def faithfulness_warmup(params: SPDParams, target: Target, cfg: OptimConfig) -> SPDParams:
+    """`faithfulness_warmup_steps` of AdamW on the faithfulness loss alone (components only), in one jit."""
+    n = cfg.faithfulness_warmup_steps
+    if n == 0:
+        return params
+    opt = optax.adamw(cfg.faithfulness_warmup_lr, weight_decay=cfg.faithfulness_warmup_weight_decay)
+
+    @jax.jit
+    def run(components, target):
+        kernels = target.kernels()
+
+        def step(carry, _):
+            comps, st = carry
+            g = jax.grad(faithfulness_loss)(comps, kernels, target.sites)
+            upd, st = opt.update(g, st, comps)
+            return (optax.apply_updates(comps, upd), st), None
+
+        (comps, _), _ = jax.lax.scan(step, (components, opt.init(components)), None, length=n)
+        return comps
+
+    return SPDParams(run(params.components, target), params.ci)
+
+
+def make_train_step(
+    loss_config: LossConfig,
+    optimizer: optax.GradientTransformation,
+    total_steps: int,
+    batch_fn: Callable[[Array], Any] | None = None,
+    schedule: optax.Schedule | None = None,
+):
+    """`step(state, target, batch=None) -> (state, metrics)`, jitted with the state donated.
+
+    With `batch_fn(key)`, batches are sampled inside the step from `fold_in(fold_in(key, step), 0)`,
+    so a run's data stream is a pure function of (seed, step). Metrics stay on device.
+    """
+
+    def step(state: TrainState, target: Target, batch=None):
+        key = jax.random.fold_in(state.key, state.step)
+        if batch is None:
+            if batch_fn is None:
+                raise ValueError("train step: pass a batch or give make_train_step a batch_fn")
+            batch = batch_fn(jax.random.fold_in(key, 0))
+        progress = state.step.astype(jnp.float32) / total_steps
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, target, batch, jax.random.fold_in(key, 1), loss_config, progress
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics)
+        metrics["grad_norm/components"] = optax.global_norm(grads.components)
+        metrics["grad_norm/ci"] = optax.global_norm(grads.ci)
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step)
+        return TrainState(state.step + 1, params, opt_state, state.key), metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+class LogRecord(NamedTuple):
+    step: int
+    metrics: dict[str, float]
+    wall_time_s: float
+
+
+def train(
+    target: Target,
+    params: SPDParams,
+    loss_config: LossConfig,
+    optim: OptimConfig,
+    key: Array,
+    batch_fn: Callable[[Array], Any] | None = None,
+    batches: Iterator[Any] | None = None,
+    log_every: int = 100,
+    on_log: Callable[[LogRecord], None] | None = None,
+    progress_bar: bool = False,
+) -> tuple[TrainState, list[LogRecord]]:
+    """Faithfulness warm-up, then `optim.steps` jitted steps. Metrics reach the host on log steps only.
+
+    Give either `batch_fn(key) -> batch` (sampled on device inside the step) or an iterator `batches`.
+    """
+    if (batch_fn is None) == (batches is None):
+        raise ValueError("train: give exactly one of batch_fn or batches")
+    params = faithfulness_warmup(params, target, optim)
+    optimizer = make_optimizer(optim)
+    schedule = make_schedule(optim)
+    state = init_train_state(params, optimizer, key)
+    step_fn = make_train_step(loss_config, optimizer, optim.steps, batch_fn, schedule)
+    history: list[LogRecord] = []
+    bar = None
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=optim.steps, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for i in range(optim.steps):
+        batch = next(batches) if batches is not None else None
+        state, metrics = step_fn(state, target, batch)
+        if (i + 1) % log_every == 0 or i + 1 == optim.steps:
+            host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+            rec = LogRecord(i + 1, host, time.perf_counter() - t0)
+            history.append(rec)
+            if on_log is not None:
+                on_log(rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{host['loss/total']:.3g}")
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return state, history
