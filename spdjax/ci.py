@@ -11,6 +11,7 @@ Init (reference): hidden weights N(0, 2/fan_in), output weights N(0, 1/fan_in), 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -55,17 +56,72 @@ def init_ci(key: Array, kind: str, d_in: int, C: int, hidden: tuple[int, ...], d
     return CIParams(tuple(weights), tuple(biases), kind)
 
 
-def _gelu(x):
-    return jax.nn.gelu(x, approximate=False)
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@jax.custom_jvp
+def gelu(x: Array) -> Array:
+    """Exact GELU x * Phi(x), written with erf (XLA's erf is a cheap rational approximation; the
+    erfc form jax.nn.gelu uses needs an exp); derivative Phi(x) + x phi(x) via a custom JVP."""
+    return x * (0.5 + 0.5 * jax.lax.erf(x * _INV_SQRT2))
+
+
+@gelu.defjvp
+def _gelu_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    cdf = 0.5 + 0.5 * jax.lax.erf(x * _INV_SQRT2)
+    return x * cdf, (cdf + x * jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI) * t
+
+
+_gelu = gelu
+
+
+@jax.custom_vjp
+def scalar_mlp(w1, b1, w2, b2, h):
+    """One hidden layer per subcomponent on a scalar: z_c = sum_k w2[c,k] GELU(w1[c,k] h_c + b1[c,k]) + b2[c].
+
+    Shapes: w1, b1, w2: (C, H); b2: (C,); h: (*lead, C) -> (*lead, C). The hand-written VJP
+    recomputes the (*lead, C, H) hidden layer in one fused pass and reduces every weight gradient
+    from it, instead of the several transposed passes autodiff of the einsum form produces on CPU.
+    """
+    pre = h[..., None] * w1 + b1
+    return jnp.sum(gelu(pre) * w2, axis=-1) + b2
+
+
+def _scalar_mlp_fwd(w1, b1, w2, b2, h):
+    return scalar_mlp(w1, b1, w2, b2, h), (w1, b1, w2, h)
+
+
+def _scalar_mlp_bwd(res, dz):
+    w1, b1, w2, h = res
+    pre = h[..., None] * w1 + b1
+    cdf = 0.5 + 0.5 * jax.lax.erf(pre * _INV_SQRT2)
+    dzb = dz[..., None]
+    g = dzb * w2 * (cdf + pre * jnp.exp(-0.5 * pre * pre) * _INV_SQRT_2PI)
+    ax = tuple(range(h.ndim - 1))
+    return (
+        jnp.sum(g * h[..., None], ax),
+        jnp.sum(g, ax),
+        jnp.sum(pre * cdf * dzb, ax),
+        jnp.sum(dz, ax),
+        jnp.sum(g * w1, -1),
+    )
+
+
+scalar_mlp.defvjp(_scalar_mlp_fwd, _scalar_mlp_bwd)
 
 
 def _per_component_mlp(p: CIParams, x: Float[Array, "*lead C fan_in"]) -> Float[Array, "*lead C"]:
     n = len(p.weights)
+    if n == 2 and p.weights[0].shape[1] == 1 and p.weights[1].shape[2] == 1:
+        w1, w2 = p.weights[0][:, 0, :], p.weights[1][:, :, 0]
+        return scalar_mlp(w1, p.biases[0], w2, p.biases[1][:, 0], x[..., 0])
     for i, (w, b) in enumerate(zip(p.weights, p.biases)):
         if w.shape[1] == 1:
             x = x * w[:, 0, :] + b  # scalar input: an outer product, no reduction needed
         elif w.shape[2] == 1:
-            x = jnp.einsum("...ci,ci->...c", x, w[:, :, 0])[..., None] + b
+            x = jnp.sum(x * w[:, :, 0], axis=-1, keepdims=True) + b
         else:
             x = jnp.einsum("...ci,cio->...co", x, w) + b
         if i < n - 1:

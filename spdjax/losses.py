@@ -224,11 +224,14 @@ def stochastic_recon_layerwise_loss(
     return jnp.mean(jax.vmap(one)(site_masks))
 
 
-def annealed_p(config: LossConfig, progress) -> Array:
-    """p linearly annealed from `pnorm` to `p_anneal_final_p` between the start and end fractions."""
+def annealed_p(config: LossConfig, progress) -> Array | float:
+    """p linearly annealed from `pnorm` to `p_anneal_final_p` between the start and end fractions.
+
+    Without annealing p is a Python number, so `x ** p` compiles to multiplications for integral p.
+    """
     p0 = config.pnorm
     if config.p_anneal_final_p is None or config.p_anneal_start_frac >= 1.0:
-        return jnp.asarray(p0, jnp.float32)
+        return int(p0) if float(p0).is_integer() else float(p0)
     start, end, p1 = config.p_anneal_start_frac, config.p_anneal_end_frac, config.p_anneal_final_p
     frac = jnp.clip((progress - start) / max(end - start, 1e-12), 0.0, 1.0)
     frac = jnp.where(progress >= end, 1.0, frac)
@@ -349,5 +352,5 @@ def loss_fn(
     metrics["loss/total"] = total
     for n, v in ci_l0(ci.lower, config.ci_l0_threshold).items():
         metrics[f"ci_l0/{n}"] = v
-    metrics["p"] = annealed_p(config, ctx.progress)
+    metrics["p"] = jnp.asarray(annealed_p(config, ctx.progress), jnp.float32)
     return total, metrics

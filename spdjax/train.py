@@ -189,6 +189,7 @@ def train(
     log_every: int = 100,
     on_log: Callable[[LogRecord], None] | None = None,
     progress_bar: bool = False,
+    bar_ref: dict | None = None,
 ) -> tuple[TrainState, list[LogRecord]]:
     """Faithfulness warm-up, then `optim.steps` jitted steps. Metrics reach the host on log steps only.
 
@@ -206,7 +207,9 @@ def train(
     if progress_bar:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=optim.steps, dynamic_ncols=True)
+        bar = tqdm(total=optim.steps, dynamic_ncols=True, unit="step")
+        if bar_ref is not None:
+            bar_ref["bar"] = bar
     t0 = time.perf_counter()
     for i in range(optim.steps):
         batch = next(batches) if batches is not None else None
@@ -217,8 +220,6 @@ def train(
             history.append(rec)
             if on_log is not None:
                 on_log(rec)
-            if bar is not None:
-                bar.set_postfix(loss=f"{host['loss/total']:.3g}")
         if bar is not None:
             bar.update(1)
     if bar is not None:

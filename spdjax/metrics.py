@@ -1,0 +1,172 @@
+"""Ground-truth metrics of a decomposition: MMCS / ML2R, alive subcomponents, CI-L0, IdentityCIError.
+
+Host-side, pure functions on arrays (NumPy float64 inside; JAX arrays are accepted). Layout as in the
+library: a site's kernel is `(d_in, d_out)` (= the paper's W^T); components hold `V: (d_in, C)` and
+`U: (C, d_out)`; subcomponent c as a kernel is `outer(V[:, c], U[c, :])`. Column j of the paper's W is
+`kernel[j, :]`, and subcomponent c's column j is `V[j, c] * U[c, :]`.
+
+`one_hot_ci` / `batch_ci` compute the (lower-leaky) CI of every site of a target for given params.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from spdjax.components import Components
+
+CI_PATTERNS = ("identity", "dense")
+
+
+def _vu(comps: Components) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(comps.V, np.float64), np.asarray(comps.U, np.float64)
+
+
+def subcomponent_column_norms(comps: Components) -> np.ndarray:
+    """`(C, d_in)`: ||V[j, c] * U[c, :]|| = |V[j, c]| * ||U[c, :]|| for every subcomponent c and column j."""
+    V, U = _vu(comps)
+    return np.abs(V).T * np.linalg.norm(U, axis=1)[:, None]
+
+
+def subcomponent_norms(comps: Components) -> np.ndarray:
+    """`(C,)`: sum_j ||U_c V_{c,j}|| over the columns j (the reference's liveness score)."""
+    return subcomponent_column_norms(comps).sum(axis=1)
+
+
+def n_alive(comps: Components, threshold: float = 0.017) -> int:
+    """Number of subcomponents with sum_j |V[j, c]| * ||U[c, :]|| > threshold (reference: 0.017)."""
+    return int(np.sum(subcomponent_norms(comps) > threshold))
+
+
+def alive_indices(comps: Components, threshold: float = 0.017) -> np.ndarray:
+    """Indices `(n_alive,)` of the alive subcomponents, largest liveness score first."""
+    norms = subcomponent_norms(comps)
+    idx = np.flatnonzero(norms > threshold)
+    return idx[np.argsort(-norms[idx], kind="stable")]
+
+
+def column_cosines(kernel, comps: Components) -> tuple[np.ndarray, np.ndarray]:
+    """Cosines `(C, d_in)` between subcomponent columns and target columns, and norm ratios `(C, d_in)`.
+
+    `cos[c, j] = cos(V[j, c] U[c, :], kernel[j, :])`; `ratio[c, j] = ||V[j, c] U[c, :]|| / ||kernel[j, :]||`.
+    Zero-norm columns give cosine 0.
+    """
+    K = np.asarray(kernel, np.float64)
+    V, U = _vu(comps)
+    if K.shape != (V.shape[0], U.shape[1]):
+        raise ValueError(f"kernel {K.shape} does not match components V {V.shape}, U {U.shape}")
+    sub_norm = subcomponent_column_norms(comps)  # (C, d_in)
+    k_norm = np.linalg.norm(K, axis=1)  # (d_in,)
+    dots = V.T * (U @ K.T)  # (C, d_in): V[j,c] * <U[c], K[j]>
+    denom = sub_norm * k_norm[None, :]
+    cos = np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
+    ratio = np.divide(
+        sub_norm, k_norm[None, :], out=np.full_like(sub_norm, np.nan), where=k_norm[None, :] > 0
+    )
+    return cos, ratio
+
+
+def mmcs_ml2r(kernel, comps: Components) -> tuple[float, float]:
+    """Mean max cosine similarity and mean L2 ratio of a site's columns (toy_models.md).
+
+    kernel: `(d_in, d_out)`; comps: `V (d_in, C)`, `U (C, d_out)`.
+    MMCS = mean_j max_c cos(V[j, c] U[c, :], kernel[j, :]);
+    ML2R = mean_j ||V[j, m_j] U[m_j, :]|| / ||kernel[j, :]|| with m_j the argmax above.
+    For TMS linear1 the columns j are the n_features columns of the paper's W.
+    """
+    cos, ratio = column_cosines(kernel, comps)
+    best = np.argmax(cos, axis=0)
+    cols = np.arange(cos.shape[1])
+    return float(np.mean(cos[best, cols])), float(np.mean(ratio[best, cols]))
+
+
+def ci_l0(ci, threshold: float = 0.1) -> float:
+    """Mean over inputs (all leading axes) of the number of subcomponents with CI > threshold.
+
+    ci: `(*lead, C)`.
+    """
+    ci = np.asarray(ci)
+    return float(np.mean(np.sum(ci > threshold, axis=-1)))
+
+
+def permute_to_identity(ci) -> tuple[np.ndarray, np.ndarray]:
+    """Columns of `ci: (n, C)` (C >= n) reordered so the matrix is as close to identity as possible.
+
+    Hungarian matching (maximum total CI) assigns one column to each row; the matched columns come first
+    in row order, the unmatched ones after them in index order. Returns `(permuted (n, C), perm (C,))`.
+    """
+    ci = np.asarray(ci, np.float64)
+    n, C = ci.shape
+    if C < n:
+        raise ValueError(f"identity pattern needs at least as many columns as rows, got {ci.shape}")
+    rows, cols = linear_sum_assignment(ci, maximize=True)
+    matched = cols[np.argsort(rows)]
+    rest = np.setdiff1d(np.arange(C), matched)
+    perm = np.concatenate([matched, rest]).astype(np.int64)
+    return ci[:, perm], perm
+
+
+def permute_to_dense(ci) -> tuple[np.ndarray, np.ndarray]:
+    """Columns of `ci: (n, C)` sorted by total CI mass, largest first (stable). Returns `(permuted, perm)`."""
+    ci = np.asarray(ci, np.float64)
+    perm = np.argsort(-ci.sum(axis=0), kind="stable")
+    return ci[:, perm], perm
+
+
+def identity_ci_error(ci_one_hot, kind: str, k: int | None = None, tol: float = 0.1) -> int:
+    """IdentityCIError of one site: how many CI entries deviate from the expected pattern (0: perfect).
+
+    ci_one_hot: `(n_inputs, C)`, CI on the one-hot inputs x = 0.75 e_i.
+    kind `identity` (one subcomponent per input feature): Hungarian-match columns to rows, then count
+      off-diagonal entries > tol (unmatched columns included) plus diagonal entries < 1 - tol.
+    kind `dense` (k subcomponents active on every input): sort columns by CI mass; count entries
+      < 1 - tol in the first k columns plus entries > tol in the remaining columns.
+    """
+    ci = np.asarray(ci_one_hot, np.float64)
+    if ci.ndim != 2:
+        raise ValueError(f"identity_ci_error: expected a (n_inputs, C) matrix, got shape {ci.shape}")
+    if kind == "identity":
+        p, _ = permute_to_identity(ci)
+        n = p.shape[0]
+        diag = np.zeros(p.shape, bool)
+        diag[np.arange(n), np.arange(n)] = True
+        return int(np.sum(p[~diag] > tol) + np.sum(p[diag] < 1 - tol))
+    if kind == "dense":
+        if k is None or not 0 <= k <= ci.shape[1]:
+            raise ValueError(f"identity_ci_error: dense pattern needs 0 <= k <= C={ci.shape[1]}, got {k!r}")
+        p, _ = permute_to_dense(ci)
+        return int(np.sum(p[:, :k] < 1 - tol) + np.sum(p[:, k:] > tol))
+    raise ValueError(f"identity_ci_error: unknown pattern {kind!r}; allowed: {list(CI_PATTERNS)}")
+
+
+# ----------------------------------------------------------------------------- CI of a target
+
+
+def _ci_fn(params, target, batch, sigmoid: str):
+    from spdjax.losses import clean_forward, compute_ci
+
+    _, inputs = clean_forward(target, batch)
+    return compute_ci(params, target, inputs, sigmoid).lower
+
+
+_ci_jit = jax.jit(_ci_fn, static_argnames="sigmoid")
+
+
+def batch_ci(params, target, batch: Any, sigmoid: str = "leaky_hard") -> dict[str, np.ndarray]:
+    """Lower-leaky CI `(*lead, C)` of every site of `target` on `batch` (NumPy, per site name)."""
+    out = _ci_jit(params, target, batch, sigmoid)
+    return {n: np.asarray(v) for n, v in out.items()}
+
+
+def one_hot_ci(
+    params, target, n_inputs: int, value: float = 0.75, sigmoid: str = "leaky_hard"
+) -> dict[str, np.ndarray]:
+    """CI `(n_inputs, C)` of every site on the one-hot inputs x = value * e_i, i < n_inputs.
+
+    For targets whose input is a float feature vector of width `n_inputs`.
+    """
+    return batch_ci(params, target, value * jnp.eye(n_inputs, dtype=jnp.float32), sigmoid)

@@ -1,0 +1,339 @@
+"""Equivalences between the computation paths of the SPD losses.
+
+- all-ones masks with the delta term reproduce the target exactly, whatever U and V are;
+- the factored masked forward equals the materialised per-example-kernel forward run by hand;
+- the vmapped S-sample stochastic loss and the vmap + scan + cond layerwise loss equal Python loops;
+- keys: same key -> same loss, different key -> different loss;
+- a jitted train step traces once; `jax.jit(loss_fn)` works as is.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import spdjax
+from spdjax import masks as masks_lib
+from spdjax.components import Components, materialised_kernel, site_components
+from spdjax.decomposition import SPDParams
+from spdjax.losses import (
+    LossConfig,
+    clean_forward,
+    compute_ci,
+    divergence,
+    masked_forward,
+    stochastic_recon_layerwise_loss,
+    stochastic_recon_loss,
+)
+from spdjax.masks import SiteMask
+from spdjax.train import init_train_state, make_train_step
+
+B, T = 3, 2
+
+
+class Block(nnx.Module):
+    def __init__(self, d_in, d_hidden, d_out, rngs):
+        self.fc_in = nnx.Linear(d_in, d_hidden, rngs=rngs)
+        self.fc_out = nnx.Linear(d_hidden, d_out, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc_out(jax.nn.gelu(self.fc_in(x)))
+
+
+class Net(nnx.Module):
+    """(B, T, 6) -> (B, T, 3): a 6 -> 10 -> 4 block, a 4 -> 5 -> 4 residual block, a 4 -> 3 head."""
+
+    def __init__(self, rngs):
+        self.blocks = nnx.List([Block(6, 10, 4, rngs), Block(4, 5, 4, rngs)])
+        self.head = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.blocks[0](x)
+        x = x + self.blocks[1](x)
+        return self.head(x)
+
+
+class TokenNet(nnx.Module):
+    """ids (B, T) -> logits (B, T, 7): Embed(7, 6), Einsum '...d,dnh->...nh' (6 -> 2x3), Linear(6, 7)."""
+
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(7, 6, rngs=rngs)
+        self.proj = nnx.Einsum("...d,dnh->...nh", (6, 2, 3), (2, 3), rngs=rngs)
+        self.unembed = nnx.Linear(6, 7, rngs=rngs)
+
+    def __call__(self, ids):
+        h = self.embed(ids)
+        q = self.proj(h)
+        return self.unembed(h + jnp.tanh(q.reshape(*q.shape[:-2], 6)))
+
+
+class TMS(nnx.Module):
+    """x -> relu(x W^T W + b) with dec.kernel = enc.kernel^T."""
+
+    def __init__(self, rngs):
+        self.enc = nnx.Linear(5, 2, use_bias=False, rngs=rngs)
+        self.dec = nnx.Linear(2, 5, rngs=rngs)
+        self.dec.kernel[...] = self.enc.kernel[...].T
+        self.dec.bias[...] = jnp.full((5,), -0.1)
+
+    def __call__(self, x):
+        return jax.nn.relu(self.dec(self.enc(x)))
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def _random_params(target, key, scale=3.0):
+    """Random U, V (deliberately far from the target's weights) and fresh CI functions."""
+    p = spdjax.init_decomposition(key, target)
+    comps = {
+        n: Components(V=scale * c.V + 0.5, U=-scale * c.U) for n, c in p.components.items()
+    }
+    return SPDParams(comps, p.ci)
+
+
+@pytest.fixture(scope="module")
+def net_case():
+    model = Net(nnx.Rngs(0))
+    target = spdjax.from_nnx(
+        model, {"blocks.*.fc_*": 3, "head": 2}, identity={"blocks.1.fc_out": 2}
+    )
+    x = jax.random.normal(jax.random.key(1), (B, T, 6))
+    return model, target, x, _random_params(target, jax.random.key(2))
+
+
+@pytest.fixture(scope="module")
+def token_case():
+    model = TokenNet(nnx.Rngs(3))
+    target = spdjax.from_nnx(model, {"embed": 3, "proj": 4, "unembed": 2})
+    ids = jax.random.randint(jax.random.key(4), (B, T), 0, 7)
+    return model, target, ids, _random_params(target, jax.random.key(5))
+
+
+@pytest.fixture(scope="module")
+def tms_case():
+    model = TMS(nnx.Rngs(6))
+    target = spdjax.from_nnx(model, {"enc": 3, "dec": 3}, tied={"dec": "enc"})
+    x = jax.random.uniform(jax.random.key(7), (4, 5))
+    return model, target, x, _random_params(target, jax.random.key(8))
+
+
+CASES = ["net_case", "token_case", "tms_case"]
+
+
+def _random_masks(target, key, lead, use_delta):
+    out = {}
+    for i, s in enumerate(target.sites):
+        km, kd = jax.random.split(jax.random.fold_in(key, i))
+        m = jax.random.uniform(km, (*lead, s.C), minval=-0.2, maxval=1.2)
+        d = jax.random.uniform(kd, lead) if use_delta else None
+        out[s.name] = SiteMask(m, d)
+    return out
+
+
+# ----------------------------------------------------------------------------- (a) delta identity
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_all_ones_masks_with_delta_reproduce_the_target(case, request):
+    model, target, x, params = request.getfixturevalue(case)
+    out, inputs = clean_forward(target, x)
+    ci = compute_ci(params, target, inputs, "leaky_hard")
+    masks = masks_lib.ones_masks(ci.lower, use_delta=True)
+    pred = masked_forward(params, target, x, masks)
+    np.testing.assert_allclose(pred, model(x), atol=1e-6)
+    # without the delta term, these (far from faithful) components do not reproduce the target
+    pred_nodelta = masked_forward(params, target, x, masks_lib.ones_masks(ci.lower))
+    assert float(jnp.max(jnp.abs(pred_nodelta - model(x)))) > 1e-2
+
+
+# ----------------------------------------------------------------------------- (b) factored == materialised
+
+
+def _mk(params, target, kernels, masks, name):
+    """Per-example kernel (*lead, d_in, d_out) of a site."""
+    spec = target.site(name)
+    m = masks[name]
+    return materialised_kernel(site_components(params.components, spec), m.mask, m.delta, kernels[name])
+
+
+def _lin(a, K, bias=None):
+    y = jnp.einsum("...i,...io->...o", a, K)
+    return y if bias is None else y + bias
+
+
+def _by_hand(case, model, target, x, params, masks):
+    """The model's forward written out with the materialised per-example kernels."""
+    K = {n: _mk(params, target, target.kernels(), masks, n) for n in target.site_names}
+    if case == "net_case":
+        b0, b1 = model.blocks
+        h = _lin(x, K["blocks.0.fc_in"], b0.fc_in.bias[...])
+        h = _lin(jax.nn.gelu(h), K["blocks.0.fc_out"], b0.fc_out.bias[...])
+        g = jax.nn.gelu(_lin(h, K["blocks.1.fc_in"], b1.fc_in.bias[...]))
+        g = _lin(g, K["blocks.1.fc_out.pre_identity"])
+        h = h + _lin(g, K["blocks.1.fc_out"], b1.fc_out.bias[...])
+        return _lin(h, K["head"], model.head.bias[...])
+    if case == "token_case":
+        onehot = jax.nn.one_hot(x, 7)
+        h = _lin(onehot, K["embed"])
+        q = _lin(h, K["proj"]).reshape(*h.shape[:-1], 2, 3) + model.proj.bias[...]
+        h = h + jnp.tanh(q.reshape(*q.shape[:-2], 6))
+        return _lin(h, K["unembed"], model.unembed.bias[...])
+    h = _lin(x, K["enc"])
+    return jax.nn.relu(_lin(h, K["dec"], model.dec.bias[...]))
+
+
+@pytest.mark.parametrize("use_delta", [True, False])
+@pytest.mark.parametrize("case", CASES)
+def test_factored_masked_forward_equals_materialised(case, use_delta, request):
+    model, target, x, params = request.getfixturevalue(case)
+    lead = x.shape[:-1] if case != "token_case" else x.shape
+    masks = _random_masks(target, jax.random.key(9), lead, use_delta)
+    got = masked_forward(params, target, x, masks)
+    want = _by_hand(case, model, target, x, params, masks)
+    assert got.shape == want.shape == model(x).shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # the masks matter: a different draw gives a different output
+    other = masked_forward(params, target, x, _random_masks(target, jax.random.key(10), lead, use_delta))
+    assert float(jnp.max(jnp.abs(other - got))) > 1e-3
+
+
+def test_materialised_kernel_with_all_ones_and_delta_is_the_target_kernel(net_case):
+    _, target, _, params = net_case
+    for s in target.sites:
+        comp = site_components(params.components, s)
+        k = target.kernels()[s.name]
+        got = materialised_kernel(comp, jnp.ones((2, s.C)), jnp.ones((2,)), k)
+        np.testing.assert_allclose(got, jnp.broadcast_to(k, (2, *k.shape)), atol=1e-5)
+        got = materialised_kernel(comp, jnp.ones((s.C,)))
+        np.testing.assert_allclose(got, comp.V @ comp.U, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- (c), (d) sample / site loops
+
+
+def _sampled(case_tuple, S, use_delta, seed=11):
+    _, target, x, params = case_tuple
+    out, inputs = clean_forward(target, x)
+    ci = compute_ci(params, target, inputs, "leaky_hard")
+    masks = masks_lib.sample_masks(jax.random.key(seed), ci.lower, S, "continuous", use_delta)
+    return target, x, params, out, masks
+
+
+@pytest.mark.parametrize(
+    "case, use_delta, div", [("net_case", True, "mse"), ("token_case", False, "kl"), ("tms_case", True, "mse")]
+)
+def test_stochastic_recon_vmap_equals_python_loop(case, use_delta, div, request):
+    S = 3
+    target, x, params, out, masks = _sampled(request.getfixturevalue(case), S, use_delta)
+    for m in masks.values():
+        assert m.mask.shape[0] == S and (m.delta is not None) == use_delta
+    got = stochastic_recon_loss(params, target, x, out, masks, div)
+    per_sample = [
+        divergence(div, masked_forward(params, target, x, masks_lib.take_sample(masks, s)), out)
+        for s in range(S)
+    ]
+    np.testing.assert_allclose(got, np.mean(per_sample), rtol=1e-5, atol=1e-7)
+    assert np.std(per_sample) > 0  # the samples differ, so the average is a real test
+
+
+@pytest.mark.parametrize(
+    "case, use_delta, div", [("net_case", True, "mse"), ("token_case", True, "kl"), ("tms_case", False, "mse")]
+)
+def test_stochastic_recon_layerwise_equals_python_loop(case, use_delta, div, request):
+    S = 2
+    target, x, params, out, masks = _sampled(request.getfixturevalue(case), S, use_delta)
+    got = stochastic_recon_layerwise_loss(params, target, x, out, masks, div)
+    terms = []
+    for s in range(S):
+        sample = masks_lib.take_sample(masks, s)
+        for name in target.site_names:
+            pred = masked_forward(params, target, x, {name: sample[name]})
+            terms.append(divergence(div, pred, out))
+    assert len(terms) == S * len(target.sites)
+    np.testing.assert_allclose(got, np.mean(terms), rtol=1e-5, atol=1e-7)
+    assert np.std(terms) > 0
+
+
+# ----------------------------------------------------------------------------- (e), (g) keys and jit
+
+
+@pytest.fixture(scope="module")
+def jitted_loss():
+    return jax.jit(spdjax.loss_fn)
+
+
+def test_jit_loss_fn_keys(jitted_loss, net_case):
+    _, target, x, params = net_case
+    config = LossConfig(
+        coeffs=(
+            ("faithfulness", 0.5),
+            ("stochastic_recon", 1.0),
+            ("stochastic_recon_layerwise", 1.0),
+            ("importance_minimality", 3e-3),
+        ),
+        n_mask_samples=2,
+    )
+    loss1, m1 = jitted_loss(params, target, x, jax.random.key(0), config)
+    loss2, m2 = jitted_loss(params, target, x, jax.random.key(0), config)
+    loss3, m3 = jitted_loss(params, target, x, jax.random.key(1), config)
+    assert np.isfinite(float(loss1))
+    assert float(loss1) == float(loss2)
+    assert set(m1) == set(m2) == set(m3)
+    for k in m1:
+        np.testing.assert_array_equal(m1[k], m2[k], err_msg=k)
+    assert float(loss1) != float(loss3)
+    assert float(m1["loss/stochastic_recon"]) != float(m3["loss/stochastic_recon"])
+    assert float(m1["loss/faithfulness"]) == float(m3["loss/faithfulness"])  # deterministic term
+    # total = sum coeff * term, and every site reports its L0
+    total = sum(c * float(m1[f"loss/{n}"]) for n, c in config.coeffs)
+    np.testing.assert_allclose(float(m1["loss/total"]), total, rtol=1e-5)
+    np.testing.assert_allclose(float(loss1), total, rtol=1e-5)
+    assert {k for k in m1 if k.startswith("ci_l0/")} == {f"ci_l0/{n}" for n in target.site_names}
+    # jit(loss_fn) equals the eagerly composed terms
+    out, inputs = clean_forward(target, x)
+    faith = spdjax.components.faithfulness_loss(params.components, target.kernels(), target.sites)
+    np.testing.assert_allclose(float(m1["loss/faithfulness"]), float(faith), rtol=1e-5)
+    assert jitted_loss._cache_size() == 1
+
+
+def test_jit_value_and_grad_of_loss_fn_reaches_all_params(tms_case):
+    _, target, x, params = tms_case
+    config = LossConfig(coeffs=(("stochastic_recon", 1.0), ("importance_minimality", 0.1)))
+    f = jax.jit(jax.value_and_grad(spdjax.loss_fn, has_aux=True))
+    (loss, _), grads = f(params, target, x, jax.random.key(0), config)
+    assert np.isfinite(float(loss))
+    assert set(grads.components) == {"enc"} and set(grads.ci) == {"enc", "dec"}
+    assert float(optax.global_norm(grads.components)) > 0
+    for n in ("enc", "dec"):
+        assert float(optax.global_norm(grads.ci[n])) > 0, n
+
+
+# ----------------------------------------------------------------------------- (f) no retracing
+
+
+def test_train_step_compiles_once():
+    model = TMS(nnx.Rngs(12))
+    target = spdjax.from_nnx(model, {"enc": 3, "dec": 3}, tied={"dec": "enc"})
+    traces = []
+
+    def batch_fn(key):
+        traces.append(1)  # runs only while tracing
+        return jax.random.uniform(key, (8, 5))
+
+    optimizer = optax.adam(1e-2)
+    step_fn = make_train_step(LossConfig(), optimizer, total_steps=5, batch_fn=batch_fn)
+    params = spdjax.init_decomposition(jax.random.key(0), target)
+    state = init_train_state(params, optimizer, jax.random.key(1))
+    losses = []
+    for _ in range(4):
+        state, metrics = step_fn(state, target)
+        losses.append(float(metrics["loss/total"]))
+    assert len(traces) == 1
+    assert step_fn._cache_size() == 1
+    assert int(state.step) == 4
+    assert len(set(losses)) == 4  # params and data change between steps
