@@ -235,10 +235,13 @@ def importance_minimality(ci_upper, p, beta=0.0, eps=1e-12):
 
 
 def annealed_p(progress, p0, p1=None, start=1.0, end=1.0):
-    """p0 before `start`, p1 after `end`, linear in between (constant p0 if p1 is None)."""
+    """p0 before `start`, p1 from `end` on, linear in between (constant p0 if p1 is None).
+
+    Tie-break as the reference: progress < start gives p0, else progress >= end gives p1.
+    """
     if p1 is None or start >= 1.0:
         return p0
-    if progress <= start:
+    if progress < start:
         return p0
     if progress >= end:
         return p1

@@ -29,7 +29,6 @@ def ci_patterns(target: Target) -> dict[str, tuple[str, int | None]]:
 def make_analyze(
     *,
     n_features: int,
-    batch_fn: Callable,
     eval_batch_fn: Callable,
     seed: int,
     sigmoid: str,

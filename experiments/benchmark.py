@@ -1,0 +1,102 @@
+"""Training-step benchmark: `python -m experiments.benchmark --config=configs/tms_5-2.py [--config=...]`.
+
+For each config (each in its own process, so peak memory is per config) prints: compile time, the
+median step time and steps/s after warm-up (wall and process CPU time), peak RSS, XLA's FLOP count per
+step and the achieved FLOP/s. Targets are trained or loaded from the cache first (not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def bench_one(config_path: str, steps: int, warmup: int, cache_dir: str) -> dict:
+    import jax
+    from ml_collections import config_flags  # noqa: F401  (config file loading)
+    from ml_collections.config_flags import config_flags as cf
+
+    import experiments
+    from spdjax.config import parse
+    from spdjax.decomposition import init_decomposition
+    from spdjax.train import init_train_state, make_optimizer, make_train_step
+
+    path, _, arg = config_path.partition(":")
+    module = cf._LoadConfigModule("bench_config", path)  # noqa: SLF001
+    cfg = module.get_config(arg) if arg else module.get_config()
+    rc = parse(cfg)
+    exp = experiments.build(rc, cache_dir)
+    params = init_decomposition(jax.random.key(0), exp.target, rc.ci_type, rc.ci_hidden)
+    opt = make_optimizer(rc.optim)
+    step = make_train_step(rc.loss, opt, rc.optim.steps, exp.batch_fn)
+    state = init_train_state(params, opt, jax.random.key(1))
+
+    t0 = time.perf_counter()
+    compiled = step.lower(state, exp.target).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0]
+    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+    for _ in range(warmup):
+        state, m = step(state, exp.target)
+    jax.block_until_ready(m)
+    wall, cpu = [], []
+    for _ in range(steps):
+        w0, c0 = time.perf_counter(), time.process_time()
+        state, m = step(state, exp.target)
+        jax.block_until_ready(m)
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    med = statistics.median(wall)
+    return {
+        "config": config_path,
+        "compile_s": compile_s,
+        "step_ms_median": med * 1e3,
+        "step_ms_min": min(wall) * 1e3,
+        "step_cpu_ms_median": statistics.median(cpu) * 1e3,
+        "steps_per_s": 1.0 / med,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "gflop_per_step": flops / 1e9,
+        "achieved_gflop_s": flops / 1e9 / med,
+        "devices": str(jax.devices()),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", action="append", required=True)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--cache_dir", default=".cache/targets")
+    ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a._child:
+        print(json.dumps(bench_one(a.config[0], a.steps, a.warmup, a.cache_dir)))
+        return
+    for c in a.config:
+        out = subprocess.run(
+            [sys.executable, "-m", "experiments.benchmark", "--_child", "--config", c,
+             "--steps", str(a.steps), "--warmup", str(a.warmup), "--cache_dir", a.cache_dir],
+            capture_output=True, text=True,
+        )
+        if out.returncode != 0:
+            print(f"{c}: FAILED\n{out.stderr[-3000:]}")
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(
+            f"{r['config']}: {r['steps_per_s']:.1f} steps/s (median {r['step_ms_median']:.2f} ms, "
+            f"min {r['step_ms_min']:.2f} ms, cpu {r['step_cpu_ms_median']:.2f} ms), compile {r['compile_s']:.2f} s, "
+            f"peak RSS {r['peak_rss_mib']:.0f} MiB, {r['gflop_per_step']:.3f} GFLOP/step, "
+            f"{r['achieved_gflop_s']:.2f} GFLOP/s"
+        )
+
+
+if __name__ == "__main__":
+    main()
