@@ -6,6 +6,7 @@ The core is pure: parameters are pytrees, every operation a function of (params,
 from spdjax.ci import CIParams, init_ci
 from spdjax.components import Components, materialised_kernel, masked_site_output
 from spdjax.decomposition import SPDParams, init_decomposition
+from spdjax.export import load
 from spdjax.losses import LossConfig, loss_fn
 from spdjax.sites import SitePattern, SiteSpec
 from spdjax.targets import Target, from_apply, from_nnx
@@ -24,6 +25,7 @@ __all__ = [
     "from_nnx",
     "init_ci",
     "init_decomposition",
+    "load",
     "loss_fn",
     "masked_site_output",
     "materialised_kernel",

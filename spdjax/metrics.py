@@ -53,7 +53,7 @@ def column_cosines(kernel, comps: Components) -> tuple[np.ndarray, np.ndarray]:
     """Cosines `(C, d_in)` between subcomponent columns and target columns, and norm ratios `(C, d_in)`.
 
     `cos[c, j] = cos(V[j, c] U[c, :], kernel[j, :])`; `ratio[c, j] = ||V[j, c] U[c, :]|| / ||kernel[j, :]||`.
-    Zero-norm columns give cosine 0.
+    Where either column has zero norm the cosine is undefined: `cos = -inf`, `ratio = 0`.
     """
     K = np.asarray(kernel, np.float64)
     V, U = _vu(comps)
@@ -63,10 +63,8 @@ def column_cosines(kernel, comps: Components) -> tuple[np.ndarray, np.ndarray]:
     k_norm = np.linalg.norm(K, axis=1)  # (d_in,)
     dots = V.T * (U @ K.T)  # (C, d_in): V[j,c] * <U[c], K[j]>
     denom = sub_norm * k_norm[None, :]
-    cos = np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
-    ratio = np.divide(
-        sub_norm, k_norm[None, :], out=np.full_like(sub_norm, np.nan), where=k_norm[None, :] > 0
-    )
+    cos = np.divide(dots, denom, out=np.full_like(dots, -np.inf), where=denom > 0)
+    ratio = np.divide(sub_norm, k_norm[None, :], out=np.zeros_like(sub_norm), where=denom > 0)
     return cos, ratio
 
 
@@ -76,12 +74,16 @@ def mmcs_ml2r(kernel, comps: Components) -> tuple[float, float]:
     kernel: `(d_in, d_out)`; comps: `V (d_in, C)`, `U (C, d_out)`.
     MMCS = mean_j max_c cos(V[j, c] U[c, :], kernel[j, :]);
     ML2R = mean_j ||V[j, m_j] U[m_j, :]|| / ||kernel[j, :]|| with m_j the argmax above.
-    For TMS linear1 the columns j are the n_features columns of the paper's W.
+    For TMS linear1 the columns j are the n_features columns of the paper's W. Zero-norm columns are
+    no candidates; a column j with no candidate at all contributes cosine 0 and ratio 0.
     """
     cos, ratio = column_cosines(kernel, comps)
     best = np.argmax(cos, axis=0)
     cols = np.arange(cos.shape[1])
-    return float(np.mean(cos[best, cols])), float(np.mean(ratio[best, cols]))
+    c, r = cos[best, cols], ratio[best, cols]
+    none = np.isneginf(c)
+    c, r = np.where(none, 0.0, c), np.where(none, 0.0, r)
+    return float(np.mean(c)), float(np.mean(r))
 
 
 def ci_l0(ci, threshold: float = 0.1) -> float:

@@ -86,34 +86,40 @@ def plot_columns_2d(
 def plot_subcomponent_matrices(
     kernel, comps: Components, indices: Sequence[int], path: Path, title: str = "", max_panels: int = 64
 ) -> Path:
-    """Heatmaps of the target matrix (paper layout W = kernel^T) and of each listed subcomponent U_c V_c."""
+    """Heatmaps of the target matrix (paper layout W = kernel^T) and of each listed subcomponent U_c V_c,
+    tiled into one image (one axes, so it stays fast with many subcomponents)."""
     K = np.asarray(kernel, np.float64)
     V, U = np.asarray(comps.V, np.float64), np.asarray(comps.U, np.float64)
     plt = _plt()
     indices = list(indices)[: max_panels - 1]
-    panels = [("target", K.T)] + [(f"subcomp {c}", np.outer(U[c], V[:, c])) for c in indices]
-    n = len(panels)
-    ncol = min(n, 8)
-    nrow = -(-n // ncol)
+    panels = [("target", K.T)] + [(f"{c}", np.outer(U[c], V[:, c])) for c in indices]
     h, w = K.T.shape
-    scale = 2.2 / max(h, w)
-    fig, axes = plt.subplots(
-        nrow, ncol, figsize=(max(1.2, w * scale) * ncol + 0.5, max(0.8, h * scale) * nrow + 0.6),
-        squeeze=False,
-    )
+    n = len(panels)
+    ncol = min(n, max(1, int(np.ceil(np.sqrt(n * h / w)))), 8)
+    nrow = -(-n // ncol)
+    gap_x, gap_y = max(1, w // 8), max(2, h // 3)
+    mosaic = np.full((nrow * (h + gap_y), ncol * (w + gap_x)), np.nan)
+    for i, (_, M) in enumerate(panels):
+        r, c = divmod(i, ncol)
+        y, x = r * (h + gap_y) + gap_y, c * (w + gap_x)
+        mosaic[y : y + h, x : x + w] = M
     vmax = max(np.abs(K).max(), 1e-6)
-    im = None
-    for ax, (name, M) in zip(axes.flat, panels):
-        im = ax.imshow(M, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto", interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(name, fontsize=7)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    if im is not None:
-        fig.colorbar(im, ax=axes, shrink=0.6)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    scale = 1.8 / max(h, w)
+    fig, ax = plt.subplots(
+        figsize=(max(3.0, mosaic.shape[1] * scale + 1.2), max(2.0, mosaic.shape[0] * scale + 0.6))
+    )
+    cmap = plt.get_cmap("RdBu_r").copy()
+    cmap.set_bad("white")
+    im = ax.imshow(mosaic, cmap=cmap, vmin=-vmax, vmax=vmax, aspect="equal", interpolation="nearest")
+    for i, (name, _) in enumerate(panels):
+        r, c = divmod(i, ncol)
+        ax.text(
+            c * (w + gap_x) + w / 2 - 0.5, r * (h + gap_y) + gap_y - 0.7, name,
+            ha="center", va="bottom", fontsize=7,
+        )
+    ax.axis("off")
+    fig.colorbar(im, ax=ax, shrink=0.6)
+    ax.set_title(title or "target W and subcomponents U_c V_c", fontsize=9)
     return _save(fig, path)
 
 
@@ -134,7 +140,7 @@ def plot_ci_heatmaps(
     names = list(ci)
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False)
     im = None
-    for ax, name in zip(axes.flat, names):
+    for i, (ax, name) in enumerate(zip(axes.flat, names)):
         g = np.asarray(ci[name], np.float64)
         kind = patterns.get(name, "dense")
         if kind == "identity" and g.shape[1] >= g.shape[0]:
@@ -146,7 +152,8 @@ def plot_ci_heatmaps(
         im = ax.imshow(g, cmap="Blues", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
         ax.set_title(f"{name} ({kind})", fontsize=9)
         ax.set_xlabel("subcomponent (permuted)")
-        ax.set_ylabel("input feature i (x = 0.75 e_i)")
+        if i == 0:
+            ax.set_ylabel("input i (one-hot)")
         if g.shape[1] <= 24:
             ax.set_xticks(range(g.shape[1]))
             ax.set_xticklabels([str(int(p)) for p in perm], fontsize=6)

@@ -1,7 +1,7 @@
 """A whole decomposition run: config -> target -> train -> save -> analyse -> summary.
 
-Writes into the workdir: `config.json`, `metrics.jsonl` (one line per log step), `params.npz` (the
-final decomposition), `summary.json` (flat keys) and the experiment's figures.
+Writes into the workdir: `config.json`, `metrics.jsonl` (one line per log step), `decomposition/` (the
+final decomposition, see spdjax.export), `summary.json` (flat keys) and the experiment's figures.
 """
 
 from __future__ import annotations
@@ -12,24 +12,11 @@ from pathlib import Path
 
 import jax
 import ml_collections
-import numpy as np
 
 from spdjax.config import RunConfig, parse
-from spdjax.decomposition import SPDParams, init_decomposition
+from spdjax import export
+from spdjax.decomposition import init_decomposition
 from spdjax.train import LogRecord, train
-
-
-def flatten_params(params: SPDParams) -> dict[str, np.ndarray]:
-    """`{"components/<site>/V": ..., "ci/<site>/weights/0": ...}` as host arrays."""
-    out = {}
-    for site, c in params.components.items():
-        out[f"components/{site}/V"] = np.asarray(c.V)
-        out[f"components/{site}/U"] = np.asarray(c.U)
-    for site, p in params.ci.items():
-        for i, (w, b) in enumerate(zip(p.weights, p.biases)):
-            out[f"ci/{site}/weights/{i}"] = np.asarray(w)
-            out[f"ci/{site}/biases/{i}"] = np.asarray(b)
-    return out
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -72,7 +59,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, cache_dir: str | Pa
     jax.block_until_ready(state.params)
     wall = time.perf_counter() - t0
     metrics_file.close()
-    np.savez(workdir / "params.npz", **flatten_params(state.params))
+    export.save(
+        workdir / "decomposition", state.params, exp.target.sites, rc.ci_type, rc.ci_hidden,
+        extra={"experiment": rc.experiment, **exp.info},
+    )
 
     summary = {k: v for k, v in exp.analyze(state.params, exp.target, workdir).items()}
     summary.update({f"final/{k}": v for k, v in last.items()})

@@ -7,7 +7,6 @@ wraps it with its sites, and returns the `Experiment` (batch sampler, ground-tru
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from pathlib import Path
 
@@ -66,8 +65,19 @@ def build(run, cache_dir: Path | None) -> Experiment:
         ci_l0_threshold=run.loss.ci_l0_threshold,
         info=info,
     )
-    info = {**info, "target_config": dataclasses.asdict(tcfg)}
+    info = flat_info(info)
     return Experiment(target=target, batch_fn=batch_fn, analyze=analyze, info=info)
+
+
+def flat_info(info: dict) -> dict:
+    """Facts about the trained target as flat JSON-able values (ints, floats, strings, flat lists)."""
+    out = {k: info[k] for k in ("seed_used", "n_represented", "final_loss", "train_time_s", "platform")}
+    out["tried_seeds"] = [t["seed"] for t in info["tries"]]
+    out["tried_n_represented"] = [t["n_represented"] for t in info["tries"]]
+    out["cached"] = bool(info.get("cached", False))
+    if "cache_file" in info:
+        out["cache_file"] = info["cache_file"]
+    return out
 
 
 def tms_config(n_features: int, n_hidden: int, identity: bool = False, smoke: bool = False):

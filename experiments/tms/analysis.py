@@ -16,6 +16,7 @@ from spdjax.targets.base import Target
 ONE_HOT_VALUE = 0.75
 ALIVE_THRESHOLD = 0.017
 CI_TOL = 0.1
+MAX_PANELS = 63  # subcomponents drawn per site
 
 
 def ci_patterns(target: Target) -> dict[str, tuple[str, int | None]]:
@@ -70,6 +71,9 @@ def make_analyze(
         patterns = ci_patterns(target)
         total = 0
         for name, (kind, k) in patterns.items():
+            n_in, C = ci[name].shape
+            if (kind == "identity" and C < n_in) or (kind == "dense" and C < k):
+                continue  # too few subcomponents for the pattern: no score for this site
             e = metrics.identity_ci_error(ci[name], kind, k, CI_TOL)
             out[f"identity_ci_error/{name}"] = e
             total += e
@@ -86,14 +90,18 @@ def make_analyze(
 def _figures(params, target, kernels, ci, patterns, workdir: Path) -> None:
     for s in target.primary_sites:
         comps = site_components(params.components, s)
-        alive = metrics.alive_indices(comps, ALIVE_THRESHOLD)
-        order = plots.order_by_column(comps, alive)
+        alive = metrics.alive_indices(comps, ALIVE_THRESHOLD)  # largest first
+        shown = alive[:MAX_PANELS]
+        order = plots.order_by_column(comps, shown)
         title = f"{s.name}: target vs {len(alive)} alive subcomponents"
+        if len(shown) < len(alive):
+            title += f" (largest {len(shown)} shown)"
         if kernels[s.name].shape[1] == 2:
             plots.plot_columns_2d(kernels[s.name], comps, order, workdir / f"columns_{s.name}.png", title)
         else:
             plots.plot_subcomponent_matrices(
-                kernels[s.name], comps, order, workdir / f"subcomponents_{s.name}.png", title
+                kernels[s.name], comps, order, workdir / f"subcomponents_{s.name}.png", title,
+                max_panels=MAX_PANELS + 1,
             )
     plots.plot_ci_heatmaps(
         ci, workdir / "ci_one_hot.png", {n: k for n, (k, _) in patterns.items()},

@@ -1,0 +1,257 @@
+"""spdjax.metrics against independent float64 loop references and hand-made perfect / imperfect cases."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spdjax import metrics
+from spdjax.components import Components
+
+# ----------------------------------------------------------------------------- references
+
+
+def ref_mmcs_ml2r(kernel, V, U):
+    """Loops over features j and subcomponents c, exactly as toy_models.md writes MMCS / ML2R."""
+    kernel, V, U = (np.asarray(a, np.float64) for a in (kernel, V, U))
+    d_in, C = V.shape
+    coss, ratios = [], []
+    for j in range(d_in):
+        w = kernel[j]
+        best_c, best_cos = None, -np.inf
+        for c in range(C):
+            col = V[j, c] * U[c]
+            if np.linalg.norm(col) == 0:
+                continue  # undefined cosine: not a candidate
+            cos = col @ w / (np.linalg.norm(col) * np.linalg.norm(w))
+            if cos > best_cos:
+                best_c, best_cos = c, cos
+        coss.append(best_cos)
+        ratios.append(np.linalg.norm(V[j, best_c] * U[best_c]) / np.linalg.norm(w))
+    return float(np.mean(coss)), float(np.mean(ratios))
+
+
+def ref_n_alive(V, U, threshold):
+    V, U = np.asarray(V, np.float64), np.asarray(U, np.float64)
+    count = 0
+    for c in range(V.shape[1]):
+        s = sum(np.linalg.norm(U[c] * V[j, c]) for j in range(V.shape[0]))
+        count += s > threshold
+    return count
+
+
+def ref_identity_error(ci, tol):
+    """Brute force over every injective row -> column assignment (small matrices only)."""
+    n, C = ci.shape
+    best, best_cols = -np.inf, None
+    for cols in itertools.permutations(range(C), n):
+        s = sum(ci[i, cols[i]] for i in range(n))
+        if s > best:
+            best, best_cols = s, cols
+    err = 0
+    for i in range(n):
+        for c in range(C):
+            if c == best_cols[i]:
+                err += ci[i, c] < 1 - tol
+            else:
+                err += ci[i, c] > tol
+    return err
+
+
+def ref_dense_error(ci, k, tol):
+    mass = [ci[:, c].sum() for c in range(ci.shape[1])]
+    order = sorted(range(ci.shape[1]), key=lambda c: -mass[c])
+    err = 0
+    for rank, c in enumerate(order):
+        for i in range(ci.shape[0]):
+            err += (ci[i, c] < 1 - tol) if rank < k else (ci[i, c] > tol)
+    return err
+
+
+def pentagon(n=5, radius=1.1):
+    ang = 2 * np.pi * np.arange(n) / n + 0.3
+    return radius * np.stack([np.cos(ang), np.sin(ang)])  # paper W: (n_hidden=2, n_features=n)
+
+
+def perfect_comps(W, C=20, scale=1.0):
+    """kernel = W^T (n_f, 2) split into one rank-one piece per feature; the other C - n_f are zero."""
+    n_h, n_f = W.shape
+    V = np.zeros((n_f, C))
+    U = np.zeros((C, n_h))
+    for j in range(n_f):
+        V[j, j] = scale
+        U[j] = W[:, j] / scale
+    return Components(V=jnp.asarray(V, jnp.float32), U=jnp.asarray(U, jnp.float32))
+
+
+# ----------------------------------------------------------------------------- MMCS / ML2R / n_alive
+
+
+def test_mmcs_ml2r_matches_reference_on_random():
+    rng = np.random.default_rng(0)
+    for d_in, d_out, C in [(5, 2, 20), (40, 10, 7), (3, 4, 3)]:
+        K = rng.normal(size=(d_in, d_out))
+        V, U = rng.normal(size=(d_in, C)), rng.normal(size=(C, d_out))
+        got = metrics.mmcs_ml2r(K, Components(V=V, U=U))
+        np.testing.assert_allclose(got, ref_mmcs_ml2r(K, V, U), rtol=1e-10)
+
+
+def test_perfect_pentagon_decomposition():
+    W = pentagon()
+    kernel = W.T
+    for scale in (1.0, 3.0, -2.0):
+        comps = perfect_comps(W, scale=scale)
+        np.testing.assert_allclose(np.asarray(comps.V) @ np.asarray(comps.U), kernel, atol=1e-6)
+        mmcs, ml2r = metrics.mmcs_ml2r(kernel, comps)
+        assert mmcs == pytest.approx(1.0, abs=1e-6)
+        assert ml2r == pytest.approx(1.0, abs=1e-6)
+        assert metrics.n_alive(comps) == 5
+        assert sorted(metrics.alive_indices(comps).tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_imperfect_decompositions():
+    W = pentagon()
+    kernel = W.T
+    # feature 0 split into two equal halves: the direction is right, its best piece is half as long
+    V = np.zeros((5, 20))
+    U = np.zeros((20, 2))
+    for j in range(5):
+        V[j, j], U[j] = 1.0, W[:, j]
+    V[0, 0], V[0, 5], U[5] = 0.5, 0.5, W[:, 0]
+    comps = Components(V=V, U=U)
+    mmcs, ml2r = metrics.mmcs_ml2r(kernel, comps)
+    assert mmcs == pytest.approx(1.0)
+    assert ml2r == pytest.approx((4 + 0.5) / 5)
+    assert metrics.n_alive(comps) == 6
+    # feature 1's piece rotated by 30 degrees and 1.2x longer
+    th = np.pi / 6
+    R = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    V = np.eye(5, 20)
+    U = np.zeros((20, 2))
+    U[:5] = W.T
+    U[1] = 1.2 * R @ W[:, 1]
+    comps = Components(V=V, U=U)
+    mmcs, ml2r = metrics.mmcs_ml2r(kernel, comps)
+    assert mmcs == pytest.approx((4 + np.cos(th)) / 5)
+    assert ml2r == pytest.approx((4 + 1.2) / 5)
+    np.testing.assert_allclose((mmcs, ml2r), ref_mmcs_ml2r(kernel, V, U), rtol=1e-12)
+
+
+def test_n_alive_matches_reference_and_threshold():
+    rng = np.random.default_rng(1)
+    V, U = rng.normal(size=(7, 30)) * 0.01, rng.normal(size=(30, 3)) * 0.5
+    for thr in (0.0, 0.005, 0.017, 0.05):
+        assert metrics.n_alive(Components(V=V, U=U), thr) == ref_n_alive(V, U, thr)
+    # one feature-column of norm 0.01 each for 2 features: score 0.02 > 0.017; 0.016 is not
+    V = np.zeros((4, 2))
+    U = np.zeros((2, 2))
+    V[:2, 0], U[0] = 1.0, [0.006, 0.008]  # ||U|| = 0.01, score 0.02
+    V[0, 1], U[1] = 1.0, [0.016, 0.0]
+    assert metrics.n_alive(Components(V=V, U=U)) == 1
+    np.testing.assert_allclose(metrics.subcomponent_norms(Components(V=V, U=U)), [0.02, 0.016])
+
+
+# ----------------------------------------------------------------------------- CI-L0
+
+
+def test_ci_l0():
+    ci = np.array([[0.0, 0.2, 0.05, 1.0], [0.1, 0.1, 0.11, 0.0]])
+    assert metrics.ci_l0(ci) == pytest.approx((2 + 1) / 2)
+    assert metrics.ci_l0(ci, threshold=0.0) == pytest.approx((3 + 3) / 2)
+    assert metrics.ci_l0(np.stack([ci, ci])) == pytest.approx(1.5)  # extra leading axes average too
+
+
+# ----------------------------------------------------------------------------- IdentityCIError
+
+
+def test_identity_ci_error_perfect_permuted():
+    rng = np.random.default_rng(2)
+    n, C = 5, 20
+    base = np.zeros((n, C))
+    base[np.arange(n), np.arange(n)] = rng.uniform(0.95, 1.0, n)
+    base += rng.uniform(0, 0.05, (n, C)) * (base == 0)
+    perm = rng.permutation(C)
+    ci = base[:, perm]
+    assert metrics.identity_ci_error(ci, "identity") == 0
+    permuted, p = metrics.permute_to_identity(ci)
+    np.testing.assert_allclose(permuted[:, :n], base[:, :n])
+    assert sorted(p.tolist()) == list(range(C))
+
+
+def test_identity_ci_error_known_errors():
+    n, C = 5, 8
+    ci = np.zeros((n, C))
+    ci[np.arange(n), [3, 0, 6, 1, 2]] = 1.0
+    ci[2, 6] = 0.5  # a weak diagonal entry (still the best match): 1 error
+    ci[0, 0] = 0.3  # an off-diagonal entry in a matched column: 1 error
+    ci[4, 7] = 0.2  # an entry in an unmatched column: 1 error
+    ci[1, 5] = 0.1  # exactly tol: not an error
+    assert metrics.identity_ci_error(ci, "identity") == 3
+    assert metrics.identity_ci_error(ci, "identity", tol=0.25) == 2
+    # a feature with two full subcomponents: one is matched, the other is off-diagonal
+    ci2 = np.zeros((n, C))
+    ci2[np.arange(n), np.arange(n)] = 1.0
+    ci2[3, 7] = 1.0
+    assert metrics.identity_ci_error(ci2, "identity") == 1
+    # a dead feature: diagonal 0 (1 error)
+    ci2[4, 4] = 0.0
+    assert metrics.identity_ci_error(ci2, "identity") == 2
+
+
+def test_identity_ci_error_matches_brute_force():
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        n, C = rng.integers(2, 4), rng.integers(4, 6)
+        ci = rng.uniform(0, 1, (n, C)) ** 3
+        assert metrics.identity_ci_error(ci, "identity") == ref_identity_error(ci, 0.1)
+
+
+def test_dense_ci_error():
+    rng = np.random.default_rng(4)
+    n, C, k = 6, 10, 2
+    ci = rng.uniform(0, 0.05, (n, C))
+    ci[:, [7, 2]] = rng.uniform(0.92, 1.0, (n, 2))
+    assert metrics.identity_ci_error(ci, "dense", k=k) == 0
+    ci[3, 7] = 0.5  # a dense subcomponent off on one input
+    ci[1, 4] = 0.3  # a sparse subcomponent on
+    assert metrics.identity_ci_error(ci, "dense", k=k) == 2
+    assert metrics.identity_ci_error(ci, "dense", k=3) == 2 + (n - 1)  # col 4 is 3rd by mass
+    for _ in range(20):
+        ci = rng.uniform(0, 1, (4, 6)) ** 2
+        for kk in (0, 1, 3):
+            assert metrics.identity_ci_error(ci, "dense", k=kk) == ref_dense_error(ci, kk, 0.1)
+
+
+def test_identity_ci_error_rejects_bad_input():
+    with pytest.raises(ValueError, match="pattern"):
+        metrics.identity_ci_error(np.zeros((3, 4)), "banana")
+    with pytest.raises(ValueError, match="k"):
+        metrics.identity_ci_error(np.zeros((3, 4)), "dense")
+    with pytest.raises(ValueError, match="columns"):
+        metrics.identity_ci_error(np.zeros((5, 4)), "identity")
+
+
+# ----------------------------------------------------------------------------- CI on a target
+
+
+def test_one_hot_ci_matches_loss_machinery():
+    import spdjax
+    from spdjax.losses import clean_forward, compute_ci
+
+    def apply_fn(p, x):
+        h = spdjax.targets.linear("w1", x, p["w1"])
+        return jax.nn.relu(spdjax.targets.linear("w2", h, p["w2"], p["b"]))
+
+    W = jnp.asarray(pentagon(), jnp.float32)
+    params = {"w1": W.T, "w2": W, "b": -0.2 * jnp.ones(5)}
+    target = spdjax.from_apply(apply_fn, params, {"w1": 6, "w2": 6}, tied={"w2": "w1"})
+    sp = spdjax.init_decomposition(jax.random.PRNGKey(0), target)
+    ci = metrics.one_hot_ci(sp, target, 5)
+    assert set(ci) == {"w1", "w2"} and all(v.shape == (5, 6) for v in ci.values())
+    _, inputs = clean_forward(target, 0.75 * jnp.eye(5))
+    want = compute_ci(sp, target, inputs, "leaky_hard").lower
+    for n in ci:
+        np.testing.assert_allclose(ci[n], np.asarray(want[n]), rtol=1e-6)
+        assert ci[n].min() >= 0 and ci[n].max() <= 1

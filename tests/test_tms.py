@@ -1,0 +1,268 @@
+"""The TMS experiment family: target training, the represented-feature check, the cache, build/analyze."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import experiments
+import spdjax
+from experiments import tms
+from experiments.tms import analysis, train_target
+from spdjax.ci import CIParams
+from spdjax.components import Components
+from spdjax.config import parse
+from spdjax.decomposition import SPDParams
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pentagon(n=5, radius=1.0):
+    ang = 2 * np.pi * np.arange(n) / n
+    return radius * np.stack([np.cos(ang), np.sin(ang)]).astype(np.float32)  # (2, n)
+
+
+def load_config(name, arg=None):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+# ----------------------------------------------------------------------------- target training
+
+
+def test_target_training_is_deterministic():
+    cfg = train_target.TMSTargetConfig(5, 2, steps=200, batch_size=128)
+    W1, b1, l1 = train_target.train_tms(cfg, 3)
+    W2, b2, l2 = train_target.train_tms(cfg, 3)
+    W3, _, _ = train_target.train_tms(cfg, 4)
+    assert W1.shape == (2, 5) and b1.shape == (5,) and l1.shape == (200,)
+    np.testing.assert_array_equal(W1, W2)
+    np.testing.assert_array_equal(b1, b2)
+    np.testing.assert_array_equal(l1, l2)
+    assert not np.allclose(W1, W3)
+    assert l1[-20:].mean() < l1[:20].mean()  # it learns
+    # bias_init_zero starts from b = 0
+    p = train_target.init_params(jax.random.PRNGKey(0), 5, 2, True)
+    assert np.all(np.asarray(p["b"]) == 0)
+
+
+def test_represented_features_on_hand_made_weights():
+    W = pentagon(radius=1.0)  # ||W_i|| = 1: output for 0.75 e_i is 0.75 + b_i at index i
+    b = np.zeros(5, np.float32)
+    assert tms.represented_features(W, b).all()
+    b[1] = -0.2  # 0.55: outside 0.75 +- 0.1
+    W[:, 3] = 0.0  # a dropped feature: output relu(b_3) = 0
+    b[4] = -0.09  # 0.66: inside
+    np.testing.assert_array_equal(tms.represented_features(W, b), [1, 0, 1, 0, 1])
+    np.testing.assert_array_equal(tms.represented_features(W, b, tol=0.25), [1, 1, 1, 0, 1])
+
+
+def _fake_trainer(good_seeds, calls=None):
+    def trainer(cfg, seed):
+        if calls is not None:
+            calls.append(seed)
+        W = pentagon()
+        if seed not in good_seeds:
+            W[:, seed % 5] = 0.0  # drops a feature
+        return W, np.zeros(5, np.float32), np.full(cfg.steps, 0.01, np.float32)
+
+    return trainer
+
+
+def test_seed_advances_until_every_feature_is_represented():
+    cfg = train_target.TMSTargetConfig(5, 2, steps=10, seed=10)
+    calls = []
+    W, b, info = train_target.train_represented(cfg, _fake_trainer({12, 13}, calls))
+    assert calls == [10, 11, 12]
+    assert info["seed_used"] == 12 and info["n_represented"] == 5
+    assert [t["n_represented"] for t in info["tries"]] == [4, 4, 5]
+    # without the requirement the first seed is kept
+    cfg = train_target.TMSTargetConfig(5, 2, steps=10, seed=10, require_all_features=False)
+    _, _, info = train_target.train_represented(cfg, _fake_trainer({12}))
+    assert info["seed_used"] == 10 and info["n_represented"] == 4
+    # capped, with a clear error
+    cfg = train_target.TMSTargetConfig(5, 2, steps=10, seed=0, max_seed_tries=3)
+    with pytest.raises(RuntimeError, match=r"no seed in 0\.\.2 .*all 5 features"):
+        train_target.train_represented(cfg, _fake_trainer(set()))
+
+
+def test_cache_is_reused(tmp_path):
+    cfg = train_target.TMSTargetConfig(5, 2, steps=10, seed=1)
+    calls = []
+    W, b, info = train_target.load_or_train(cfg, tmp_path, _fake_trainer({2}, calls))
+    assert calls == [1, 2] and not info["cached"] and info["seed_used"] == 2
+
+    def boom(cfg, seed):
+        raise AssertionError("retrained despite the cache")
+
+    W2, b2, info2 = train_target.load_or_train(cfg, tmp_path, boom)
+    assert info2["cached"] and info2["seed_used"] == 2
+    np.testing.assert_array_equal(W, W2)
+    np.testing.assert_array_equal(b, b2)
+    npz, sidecar = train_target.cache_paths(cfg, tmp_path)
+    meta = json.loads(sidecar.read_text())
+    assert meta["config"]["seed"] == 1 and meta["info"]["seed_used"] == 2
+    assert not list(tmp_path.glob("*.tmp"))
+    # any change of the target config is a different cache entry
+    other = train_target.TMSTargetConfig(5, 2, steps=11, seed=1)
+    assert train_target.cache_paths(other, tmp_path)[0] != npz
+    with pytest.raises(AssertionError, match="retrained"):
+        train_target.load_or_train(other, tmp_path, boom)
+
+
+def test_target_config_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown field.*banana"):
+        train_target.TMSTargetConfig.from_section({"n_features": 5, "n_hidden": 2, "banana": 1})
+    with pytest.raises(ValueError, match="n_hidden"):
+        train_target.TMSTargetConfig.from_section({"n_features": 5})
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize(
+    "name,nf,nh,C,identity,coeff,p",
+    [
+        ("tms_5-2", 5, 2, 20, False, 3e-3, 1.0),
+        ("tms_5-2_id", 5, 2, 20, True, 3e-3, 1.0),
+        ("tms_40-10", 40, 10, 200, False, 1e-4, 2.0),
+        ("tms_40-10_id", 40, 10, 200, True, 1e-4, 2.0),
+    ],
+)
+def test_configs_parse(name, nf, nh, C, identity, coeff, p):
+    run = parse(load_config(name))
+    assert run.experiment == "tms"
+    assert (run.target.n_features, run.target.n_hidden) == (nf, nh)
+    assert run.target.batch_size == (1024 if nf == 5 else 8192)
+    assert run.target.bias_init_zero == (nf == 40)
+    assert [(s.pattern, s.C) for s in run.sites] == [("linear1", C), ("linear2", C)]
+    assert run.tied == (("linear2", "linear1"),)
+    assert [(s.pattern, s.C) for s in run.identity] == ([("linear2", C)] if identity else [])
+    assert run.loss.coeff_dict == {
+        "stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0, "importance_minimality": coeff
+    }
+    assert run.loss.pnorm == p and run.loss.use_delta_component and run.loss.n_mask_samples == 1
+    assert (run.optim.steps, run.optim.lr, run.optim.schedule, run.optim.final_lr_frac) == (
+        10_000, 1e-3, "cosine", 0.0
+    )
+    assert run.optim.faithfulness_warmup_steps == 200
+    assert (run.ci_type, run.ci_hidden, run.batch_size) == ("mlp", (16,), 4096)
+    smoke = parse(load_config(name, "smoke"))
+    assert smoke.optim.steps <= 50 and smoke.batch_size <= 256
+    assert not smoke.target.require_all_features and smoke.target.steps <= 300
+
+
+# ----------------------------------------------------------------------------- build / analyze
+
+
+def test_build_smoke(tmp_path, monkeypatch):
+    run = parse(load_config("tms_5-2_id", "smoke"))
+    exp = experiments.build(run, tmp_path / "cache")
+    assert isinstance(exp, experiments.Experiment)
+    t = exp.target
+    assert t.site_names == ("linear1", "linear2.pre_identity", "linear2")
+    assert t.site("linear2").tied_to == "linear1"
+    assert "seed_used" in exp.info
+
+    # the target computes ReLU(W^T W x + b) with the cached weights
+    npz = next((tmp_path / "cache").glob("tms-5-2-*.npz"))
+    with np.load(npz) as d:
+        W, b = d["W"], d["b"]
+    x = jax.random.uniform(jax.random.PRNGKey(0), (7, 5))
+    np.testing.assert_allclose(t(x), tms.tms_forward(W, b, x), rtol=1e-5, atol=1e-6)
+
+    # batches: jittable, right shape, sparse, values in [0, 1]
+    batch = jax.jit(exp.batch_fn)(jax.random.PRNGKey(1))
+    assert batch.shape == (run.batch_size, 5) and batch.dtype == jnp.float32
+    frac = float(jnp.mean(batch > 0))
+    assert 0.02 < frac < 0.09 and float(batch.min()) >= 0 and float(batch.max()) <= 1
+
+    # a second build reuses the cache (training would raise)
+    def boom(*a, **k):
+        raise AssertionError("retrained despite the cache")
+
+    monkeypatch.setattr(train_target, "train_tms", boom)
+    exp2 = experiments.build(run, tmp_path / "cache")
+    assert exp2.info["cached"] and exp2.info["seed_used"] == exp.info["seed_used"]
+
+    # a couple of SPD steps, then the analysis
+    from spdjax.train import train
+
+    params = spdjax.init_decomposition(jax.random.PRNGKey(0), t, run.ci_type, run.ci_hidden)
+    optim = run.optim.__class__(**{**run.optim.__dict__, "steps": 2, "faithfulness_warmup_steps": 2})
+    state, hist = train(t, params, run.loss, optim, jax.random.PRNGKey(1), batch_fn=exp.batch_fn)
+    out = exp.analyze(state.params, t, tmp_path / "run")
+    json.dumps(out)  # flat and JSON-able
+    for k in [
+        "mmcs", "ml2r", "n_alive/linear1", "n_alive/linear2.pre_identity", "ci_l0/linear1",
+        "ci_l0/linear2", "ci_l0/linear2.pre_identity", "identity_ci_error/linear1",
+        "identity_ci_error/linear2", "identity_ci_error/linear2.pre_identity", "identity_ci_error",
+        "target_seed",
+    ]:
+        assert k in out, k
+    assert all(not isinstance(v, (dict, list)) for v in out.values())
+    assert out["target_seed"] == exp.info["seed_used"]
+    assert 0 <= out["n_alive/linear1"] <= 20
+    pngs = sorted(p.name for p in (tmp_path / "run").glob("*.png"))
+    assert pngs == ["ci_one_hot.png", "columns_linear1.png", "columns_linear2.pre_identity.png"]
+
+
+def _perfect_params(W, C=20):
+    """Hand-made ideal SPD solution for TMS 5-2 +ID: one subcomponent per feature, I split in two,
+    CI functions that are 1 exactly where the subcomponent is needed on one-hot inputs."""
+    n_h, n_f = W.shape
+    V1, U1 = np.zeros((n_f, C)), np.zeros((C, n_h))
+    V1[np.arange(n_f), np.arange(n_f)] = 1.0
+    U1[:n_f] = W.T
+    Vi, Ui = np.zeros((n_h, C)), np.zeros((C, n_h))
+    Vi[np.arange(n_h), np.arange(n_h)] = 1.0
+    Ui[np.arange(n_h), np.arange(n_h)] = 1.0
+
+    def ci(w1, b1, b2):  # z_c = gelu(w1 h_c + b1) + b2_c, hidden width 1
+        f = lambda a: jnp.asarray(a, jnp.float32)
+        return CIParams(
+            (f(np.full((C, 1, 1), w1)), f(np.ones((C, 1, 1)))),
+            (f(np.full((C, 1), b1)), f(np.asarray(b2).reshape(C, 1))),
+            "mlp",
+        )
+
+    # linear sites: h = 0.75 ||W_i||^2 ~ 0.75 on the own feature, |h| <= 0.75 cos(72 deg) elsewhere
+    sparse = ci(10.0, -5.0, np.zeros(C))
+    dense = ci(0.0, 0.0, np.where(np.arange(C) < n_h, 2.0, -1.0))  # always on / always off
+    comps = {
+        "linear1": Components(jnp.asarray(V1, jnp.float32), jnp.asarray(U1, jnp.float32)),
+        "linear2.pre_identity": Components(jnp.asarray(Vi, jnp.float32), jnp.asarray(Ui, jnp.float32)),
+    }
+    return SPDParams(comps, {"linear1": sparse, "linear2": sparse, "linear2.pre_identity": dense})
+
+
+def test_analyze_perfect_solution(tmp_path):
+    W, b = pentagon(), np.full(5, -0.1, np.float32)
+    target = spdjax.from_nnx(
+        tms.tms_from_weights(W, b), sites=[("linear1", 20), ("linear2", 20)],
+        tied={"linear2": "linear1"}, identity=[("linear2", 20)],
+    )
+    sample = lambda key: train_target.sample_features(key, 512, 5, 0.05)
+    analyze = analysis.make_analyze(
+        n_features=5, eval_batch_fn=sample, seed=0, sigmoid="leaky_hard", ci_l0_threshold=0.1,
+        info={"seed_used": 7, "n_represented": 5},
+    )
+    out = analyze(_perfect_params(W), target, tmp_path)
+    assert out["mmcs"] == pytest.approx(1.0, abs=1e-6)
+    assert out["ml2r"] == pytest.approx(1.0, abs=1e-6)
+    assert out["n_alive/linear1"] == 5 and out["n_alive/linear2.pre_identity"] == 2
+    assert out["n_alive"] == 7
+    assert out["identity_ci_error/linear1"] == 0
+    assert out["identity_ci_error/linear2"] == 0
+    assert out["identity_ci_error/linear2.pre_identity"] == 0
+    assert out["identity_ci_error"] == 0
+    assert out["ci_l0/linear2.pre_identity"] == pytest.approx(2.0)
+    assert 0.0 < out["ci_l0/linear1"] < 0.25  # features active with value > 0.5 only
+    assert out["target_seed"] == 7
+    assert (tmp_path / "ci_one_hot.png").exists()
