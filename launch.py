@@ -9,11 +9,17 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (a ge
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
 _CACHE = flags.DEFINE_string("cache_dir", ".cache/targets", "Where trained targets are cached.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Keep JAX/absl INFO logs.")
 
 
 def main(argv):
     del argv
+    import logging
     import os
+
+    if not _VERBOSE.value:  # JAX/Orbax INFO chatter (e.g. "Unable to initialize backend 'tpu'")
+        logging.getLogger("jax").setLevel(logging.WARNING)
+        logging.getLogger("absl").setLevel(logging.WARNING)
 
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = _WORKDIR.value or os.path.join("runs", name)

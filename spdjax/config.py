@@ -95,6 +95,9 @@ def parse(cfg: ml_collections.ConfigDict) -> RunConfig:
     unknown = sorted(set(cfg.keys()) - TOP_LEVEL)
     if unknown:
         raise ValueError(f"config: unknown field(s) {unknown}; allowed: {sorted(TOP_LEVEL)}")
+    for required in ("experiment", "sites", "optim"):
+        if cfg.get(required) is None:
+            raise ValueError(f"config.{required} is required")
     ci = _to_dict(cfg.get("ci"), "ci")
     bad = sorted(set(ci) - {"type", "hidden"})
     if bad:

@@ -27,7 +27,7 @@ class OptimConfig:
     """Adam (b1 0.9, b2 0.999, eps 1e-8, no weight decay) and its schedule.
 
     The LR rises linearly from 0 over `warmup_frac * steps`, then follows `schedule` from `lr` down to
-    `final_lr_frac * lr` at the last step (`constant` stays at `lr`).
+    `final_lr_frac * lr` at step `steps` (`constant` stays at `lr`).
     """
 
     steps: int
@@ -37,7 +37,7 @@ class OptimConfig:
     final_lr_frac: float = 0.0
     clip_components: float | None = None  # max global grad norm of U, V (None: no clipping)
     clip_ci: float | None = None  # max global grad norm of the CI functions
-    faithfulness_warmup_steps: int = 0
+    faithfulness_warmup_steps: int = 200  # reference-main recipe; 0 for the paper recipe
     faithfulness_warmup_lr: float = 0.01
     faithfulness_warmup_weight_decay: float = 0.1
 
@@ -48,8 +48,14 @@ class OptimConfig:
             raise ValueError(f"optim.lr must be > 0, got {self.lr!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule: unknown {self.schedule!r}; allowed: {list(SCHEDULES)}")
-        if not 0.0 <= self.warmup_frac <= 1.0:
-            raise ValueError(f"optim.warmup_frac must be in [0, 1], got {self.warmup_frac!r}")
+        for f in ("warmup_frac", "final_lr_frac"):
+            v = getattr(self, f)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"optim.{f} must be in [0, 1], got {v!r}")
+        for f in ("faithfulness_warmup_lr", "faithfulness_warmup_weight_decay"):
+            v = getattr(self, f)
+            if not v >= 0 or (f.endswith("lr") and v == 0):
+                raise ValueError(f"optim.{f} must be {'> 0' if f.endswith('lr') else '>= 0'}, got {v!r}")
         for f in ("clip_components", "clip_ci"):
             v = getattr(self, f)
             if v is not None and not v > 0:
@@ -84,7 +90,7 @@ def clip_by_group(clip_components: float | None, clip_ci: float | None) -> optax
     def clip(tree, max_norm):
         if max_norm is None:
             return tree
-        norm = optax.global_norm(tree)
+        norm = optax.tree.norm(tree)
         scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
         return jax.tree.map(lambda g: g * scale, tree)
 
@@ -163,8 +169,8 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics)
-        metrics["grad_norm/components"] = optax.global_norm(grads.components)
-        metrics["grad_norm/ci"] = optax.global_norm(grads.ci)
+        metrics["grad_norm/components"] = optax.tree.norm(grads.components)
+        metrics["grad_norm/ci"] = optax.tree.norm(grads.ci)
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         return TrainState(state.step + 1, params, opt_state, state.key), metrics
@@ -197,6 +203,7 @@ def train(
     """
     if (batch_fn is None) == (batches is None):
         raise ValueError("train: give exactly one of batch_fn or batches")
+    params = jax.tree.map(jnp.copy, params)  # the jitted step donates its state: keep the caller's
     params = faithfulness_warmup(params, target, optim)
     optimizer = make_optimizer(optim)
     schedule = make_schedule(optim)

@@ -85,41 +85,73 @@ class TMS(nnx.Module):
 
 
 # ----------------------------------------------------------------------------- fixtures
+# Initialisers are not compiled (that dominates a CPU test run): shapes come from eval_shape and
+# values from numpy.
 
 
-def _random_params(target, key, scale=3.0):
-    """Random U, V (deliberately far from the target's weights) and fresh CI functions."""
-    p = spdjax.init_decomposition(key, target)
+def build(ctor, seed):
+    """An NNX model with numpy-random weights (shapes from `nnx.eval_shape`)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: ctor(nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+
+    def fill(s):
+        scale = 1.0 / np.sqrt(s.shape[0]) if len(s.shape) >= 2 else 0.3
+        return jnp.asarray(rng.normal(size=s.shape) * scale, s.dtype)
+
+    return nnx.merge(graphdef, jax.tree.map(fill, state))
+
+
+def _random_params(target, seed, scale=3.0):
+    """Random U, V (deliberately far from the target's weights) and random CI functions."""
+    shapes = jax.eval_shape(spdjax.init_decomposition, jax.random.key(0), target)
+    rng = np.random.default_rng(seed)
+    p = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
     comps = {
-        n: Components(V=scale * c.V + 0.5, U=-scale * c.U) for n, c in p.components.items()
+        n: Components(V=scale * c.V / np.sqrt(c.V.shape[0]) + 0.5, U=-scale * c.U / np.sqrt(c.U.shape[0]))
+        for n, c in p.components.items()
     }
-    return SPDParams(comps, p.ci)
+    return jax.tree.map(jnp.asarray, SPDParams(comps, p.ci))
+
+
+def _maxdiff(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+def _tms(seed):
+    model = build(TMS, seed)
+    model.dec.kernel[...] = model.enc.kernel[...].T
+    return model
+
+
+@jax.jit
+def _apply(model, x):
+    return model(x)
 
 
 @pytest.fixture(scope="module")
 def net_case():
-    model = Net(nnx.Rngs(0))
+    model = build(Net, 0)
     target = spdjax.from_nnx(
         model, {"blocks.*.fc_*": 3, "head": 2}, identity={"blocks.1.fc_out": 2}
     )
-    x = jax.random.normal(jax.random.key(1), (B, T, 6))
-    return model, target, x, _random_params(target, jax.random.key(2))
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(B, T, 6)), jnp.float32)
+    return model, target, x, _random_params(target, 2)
 
 
 @pytest.fixture(scope="module")
 def token_case():
-    model = TokenNet(nnx.Rngs(3))
+    model = build(TokenNet, 3)
     target = spdjax.from_nnx(model, {"embed": 3, "proj": 4, "unembed": 2})
-    ids = jax.random.randint(jax.random.key(4), (B, T), 0, 7)
-    return model, target, ids, _random_params(target, jax.random.key(5))
+    ids = jnp.asarray(np.random.default_rng(4).integers(0, 7, size=(B, T)), jnp.int32)
+    return model, target, ids, _random_params(target, 5)
 
 
 @pytest.fixture(scope="module")
 def tms_case():
-    model = TMS(nnx.Rngs(6))
+    model = _tms(6)
     target = spdjax.from_nnx(model, {"enc": 3, "dec": 3}, tied={"dec": "enc"})
-    x = jax.random.uniform(jax.random.key(7), (4, 5))
-    return model, target, x, _random_params(target, jax.random.key(8))
+    x = jnp.asarray(np.random.default_rng(7).uniform(size=(4, 5)), jnp.float32)
+    return model, target, x, _random_params(target, 8)
 
 
 CASES = ["net_case", "token_case", "tms_case"]
@@ -138,17 +170,28 @@ def _random_masks(target, key, lead, use_delta):
 # ----------------------------------------------------------------------------- (a) delta identity
 
 
+@jax.jit
+def _ones_mask_outputs(params, target, x):
+    out, inputs = clean_forward(target, x)
+    ci = compute_ci(params, target, inputs, "leaky_hard")
+    with_delta = masked_forward(params, target, x, masks_lib.ones_masks(ci.lower, use_delta=True))
+    no_delta = masked_forward(params, target, x, masks_lib.ones_masks(ci.lower))
+    return out, with_delta, no_delta
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_all_ones_masks_with_delta_reproduce_the_target(case, request):
     model, target, x, params = request.getfixturevalue(case)
-    out, inputs = clean_forward(target, x)
-    ci = compute_ci(params, target, inputs, "leaky_hard")
-    masks = masks_lib.ones_masks(ci.lower, use_delta=True)
-    pred = masked_forward(params, target, x, masks)
-    np.testing.assert_allclose(pred, model(x), atol=1e-6)
-    # without the delta term, these (far from faithful) components do not reproduce the target
-    pred_nodelta = masked_forward(params, target, x, masks_lib.ones_masks(ci.lower))
-    assert float(jnp.max(jnp.abs(pred_nodelta - model(x)))) > 1e-2
+    want = _apply(model, x)
+    out, with_delta, no_delta = _ones_mask_outputs(params, target, x)
+    np.testing.assert_allclose(out, want, atol=1e-6)
+    np.testing.assert_allclose(with_delta, want, atol=1e-6)
+    # the components are far from faithful: without the delta term the output is wrong
+    assert _maxdiff(no_delta, want) > 1e-2
+    # whatever U, V are: scaling them changes nothing with the delta term
+    params2 = _random_params(target, 99, scale=30.0)
+    _, with_delta2, _ = _ones_mask_outputs(params2, target, x)
+    np.testing.assert_allclose(with_delta2, want, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- (b) factored == materialised
@@ -187,41 +230,63 @@ def _by_hand(case, model, target, x, params, masks):
     return jax.nn.relu(_lin(h, K["dec"], model.dec.bias[...]))
 
 
-@pytest.mark.parametrize("use_delta", [True, False])
 @pytest.mark.parametrize("case", CASES)
-def test_factored_masked_forward_equals_materialised(case, use_delta, request):
+def test_factored_masked_forward_equals_materialised(case, request):
     model, target, x, params = request.getfixturevalue(case)
     lead = x.shape[:-1] if case != "token_case" else x.shape
-    masks = _random_masks(target, jax.random.key(9), lead, use_delta)
-    got = masked_forward(params, target, x, masks)
-    want = _by_hand(case, model, target, x, params, masks)
-    assert got.shape == want.shape == model(x).shape
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+    @jax.jit
+    def both(params, target, x, key, model):
+        res = {}
+        for use_delta in (True, False):
+            masks = _random_masks(target, key, lead, use_delta)
+            res[use_delta] = (
+                masked_forward(params, target, x, masks),
+                _by_hand(case, model, target, x, params, masks),
+            )
+        return res
+
+    res = both(params, target, x, jax.random.key(9), model)
+    for use_delta, (got, want) in res.items():
+        assert got.shape == want.shape == _apply(model, x).shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"delta={use_delta}")
+    # the delta term matters with these (unfaithful) components
+    assert _maxdiff(res[True][0], res[False][0]) > 1e-3
     # the masks matter: a different draw gives a different output
-    other = masked_forward(params, target, x, _random_masks(target, jax.random.key(10), lead, use_delta))
-    assert float(jnp.max(jnp.abs(other - got))) > 1e-3
+    other = both(params, target, x, jax.random.key(10), model)
+    assert _maxdiff(other[True][0], res[True][0]) > 1e-3
 
 
-def test_materialised_kernel_with_all_ones_and_delta_is_the_target_kernel(net_case):
+def test_materialised_kernel_all_ones_delta_is_the_target_kernel(net_case):
     _, target, _, params = net_case
-    for s in target.sites:
-        comp = site_components(params.components, s)
-        k = target.kernels()[s.name]
-        got = materialised_kernel(comp, jnp.ones((2, s.C)), jnp.ones((2,)), k)
-        np.testing.assert_allclose(got, jnp.broadcast_to(k, (2, *k.shape)), atol=1e-5)
-        got = materialised_kernel(comp, jnp.ones((s.C,)))
-        np.testing.assert_allclose(got, comp.V @ comp.U, rtol=1e-5, atol=1e-6)
+
+    @jax.jit
+    def kernels(params, target):
+        out = {}
+        for s in target.sites:
+            comp = site_components(params.components, s)
+            k = target.kernels()[s.name]
+            out[s.name] = (
+                materialised_kernel(comp, jnp.ones((2, s.C)), jnp.ones((2,)), k),
+                materialised_kernel(comp, jnp.ones((s.C,))),
+                k,
+            )
+        return out
+
+    for name, (with_delta, no_delta, k) in kernels(params, target).items():
+        c = site_components(params.components, target.site(name))
+        np.testing.assert_allclose(with_delta, np.broadcast_to(k, (2, *k.shape)), atol=1e-5)
+        np.testing.assert_allclose(no_delta, np.asarray(c.V) @ np.asarray(c.U), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- (c), (d) sample / site loops
 
 
-def _sampled(case_tuple, S, use_delta, seed=11):
-    _, target, x, params = case_tuple
+def _sampled(params, target, x, S, use_delta, seed=11):
     out, inputs = clean_forward(target, x)
     ci = compute_ci(params, target, inputs, "leaky_hard")
     masks = masks_lib.sample_masks(jax.random.key(seed), ci.lower, S, "continuous", use_delta)
-    return target, x, params, out, masks
+    return out, masks
 
 
 @pytest.mark.parametrize(
@@ -229,14 +294,21 @@ def _sampled(case_tuple, S, use_delta, seed=11):
 )
 def test_stochastic_recon_vmap_equals_python_loop(case, use_delta, div, request):
     S = 3
-    target, x, params, out, masks = _sampled(request.getfixturevalue(case), S, use_delta)
+    _, target, x, params = request.getfixturevalue(case)
+
+    @jax.jit
+    def run(params, target, x):
+        out, masks = _sampled(params, target, x, S, use_delta)
+        got = stochastic_recon_loss(params, target, x, out, masks, div)
+        loop = [
+            divergence(div, masked_forward(params, target, x, masks_lib.take_sample(masks, s)), out)
+            for s in range(S)
+        ]
+        return got, jnp.stack(loop), masks
+
+    got, per_sample, masks = run(params, target, x)
     for m in masks.values():
         assert m.mask.shape[0] == S and (m.delta is not None) == use_delta
-    got = stochastic_recon_loss(params, target, x, out, masks, div)
-    per_sample = [
-        divergence(div, masked_forward(params, target, x, masks_lib.take_sample(masks, s)), out)
-        for s in range(S)
-    ]
     np.testing.assert_allclose(got, np.mean(per_sample), rtol=1e-5, atol=1e-7)
     assert np.std(per_sample) > 0  # the samples differ, so the average is a real test
 
@@ -246,15 +318,22 @@ def test_stochastic_recon_vmap_equals_python_loop(case, use_delta, div, request)
 )
 def test_stochastic_recon_layerwise_equals_python_loop(case, use_delta, div, request):
     S = 2
-    target, x, params, out, masks = _sampled(request.getfixturevalue(case), S, use_delta)
-    got = stochastic_recon_layerwise_loss(params, target, x, out, masks, div)
-    terms = []
-    for s in range(S):
-        sample = masks_lib.take_sample(masks, s)
-        for name in target.site_names:
-            pred = masked_forward(params, target, x, {name: sample[name]})
-            terms.append(divergence(div, pred, out))
-    assert len(terms) == S * len(target.sites)
+    _, target, x, params = request.getfixturevalue(case)
+
+    @jax.jit
+    def run(params, target, x):
+        out, masks = _sampled(params, target, x, S, use_delta)
+        got = stochastic_recon_layerwise_loss(params, target, x, out, masks, div)
+        terms = []
+        for s in range(S):
+            sample = masks_lib.take_sample(masks, s)
+            for name in target.site_names:
+                pred = masked_forward(params, target, x, {name: sample[name]})
+                terms.append(divergence(div, pred, out))
+        return got, jnp.stack(terms)
+
+    got, terms = run(params, target, x)
+    assert terms.shape == (S * len(target.sites),)
     np.testing.assert_allclose(got, np.mean(terms), rtol=1e-5, atol=1e-7)
     assert np.std(terms) > 0
 
@@ -262,12 +341,7 @@ def test_stochastic_recon_layerwise_equals_python_loop(case, use_delta, div, req
 # ----------------------------------------------------------------------------- (e), (g) keys and jit
 
 
-@pytest.fixture(scope="module")
-def jitted_loss():
-    return jax.jit(spdjax.loss_fn)
-
-
-def test_jit_loss_fn_keys(jitted_loss, net_case):
+def test_jit_loss_fn_keys(net_case):
     _, target, x, params = net_case
     config = LossConfig(
         coeffs=(
@@ -278,9 +352,11 @@ def test_jit_loss_fn_keys(jitted_loss, net_case):
         ),
         n_mask_samples=2,
     )
+    jitted_loss = jax.jit(spdjax.loss_fn)
     loss1, m1 = jitted_loss(params, target, x, jax.random.key(0), config)
     loss2, m2 = jitted_loss(params, target, x, jax.random.key(0), config)
     loss3, m3 = jitted_loss(params, target, x, jax.random.key(1), config)
+    assert jitted_loss._cache_size() == 1
     assert np.isfinite(float(loss1))
     assert float(loss1) == float(loss2)
     assert set(m1) == set(m2) == set(m3)
@@ -288,37 +364,39 @@ def test_jit_loss_fn_keys(jitted_loss, net_case):
         np.testing.assert_array_equal(m1[k], m2[k], err_msg=k)
     assert float(loss1) != float(loss3)
     assert float(m1["loss/stochastic_recon"]) != float(m3["loss/stochastic_recon"])
+    assert float(m1["loss/stochastic_recon_layerwise"]) != float(m3["loss/stochastic_recon_layerwise"])
     assert float(m1["loss/faithfulness"]) == float(m3["loss/faithfulness"])  # deterministic term
     # total = sum coeff * term, and every site reports its L0
     total = sum(c * float(m1[f"loss/{n}"]) for n, c in config.coeffs)
     np.testing.assert_allclose(float(m1["loss/total"]), total, rtol=1e-5)
     np.testing.assert_allclose(float(loss1), total, rtol=1e-5)
     assert {k for k in m1 if k.startswith("ci_l0/")} == {f"ci_l0/{n}" for n in target.site_names}
-    # jit(loss_fn) equals the eagerly composed terms
-    out, inputs = clean_forward(target, x)
-    faith = spdjax.components.faithfulness_loss(params.components, target.kernels(), target.sites)
-    np.testing.assert_allclose(float(m1["loss/faithfulness"]), float(faith), rtol=1e-5)
-    assert jitted_loss._cache_size() == 1
+    # the faithfulness term, by hand in numpy
+    kernels = {n: np.asarray(k) for n, k in target.kernels().items()}
+    num = sum(
+        np.sum((kernels[n] - np.asarray(c.V) @ np.asarray(c.U)) ** 2) for n, c in params.components.items()
+    )
+    den = sum(kernels[n].size for n in params.components)
+    np.testing.assert_allclose(float(m1["loss/faithfulness"]), num / den, rtol=1e-4)
 
 
 def test_jit_value_and_grad_of_loss_fn_reaches_all_params(tms_case):
     _, target, x, params = tms_case
     config = LossConfig(coeffs=(("stochastic_recon", 1.0), ("importance_minimality", 0.1)))
     f = jax.jit(jax.value_and_grad(spdjax.loss_fn, has_aux=True))
-    (loss, _), grads = f(params, target, x, jax.random.key(0), config)
-    assert np.isfinite(float(loss))
+    (loss, metrics), grads = f(params, target, x, jax.random.key(0), config)
+    assert np.isfinite(float(loss)) and float(loss) == float(metrics["loss/total"])
     assert set(grads.components) == {"enc"} and set(grads.ci) == {"enc", "dec"}
-    assert float(optax.global_norm(grads.components)) > 0
+    assert float(optax.tree.norm(grads.components)) > 0
     for n in ("enc", "dec"):
-        assert float(optax.global_norm(grads.ci[n])) > 0, n
+        assert float(optax.tree.norm(grads.ci[n])) > 0, n
 
 
 # ----------------------------------------------------------------------------- (f) no retracing
 
 
 def test_train_step_compiles_once():
-    model = TMS(nnx.Rngs(12))
-    target = spdjax.from_nnx(model, {"enc": 3, "dec": 3}, tied={"dec": "enc"})
+    target = spdjax.from_nnx(_tms(12), {"enc": 3, "dec": 3}, tied={"dec": "enc"})
     traces = []
 
     def batch_fn(key):
@@ -326,8 +404,9 @@ def test_train_step_compiles_once():
         return jax.random.uniform(key, (8, 5))
 
     optimizer = optax.adam(1e-2)
-    step_fn = make_train_step(LossConfig(), optimizer, total_steps=5, batch_fn=batch_fn)
-    params = spdjax.init_decomposition(jax.random.key(0), target)
+    config = LossConfig(coeffs=(("stochastic_recon", 1.0), ("importance_minimality", 1e-3)))
+    step_fn = make_train_step(config, optimizer, total_steps=5, batch_fn=batch_fn)
+    params = _random_params(target, 0, scale=1.0)
     state = init_train_state(params, optimizer, jax.random.key(1))
     losses = []
     for _ in range(4):

@@ -1,6 +1,7 @@
 """Masked site maps (spdjax.components) and loss terms (spdjax.losses) against the NumPy reference."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +12,12 @@ from jax.test_util import check_grads
 
 import spdjax
 from spdjax import losses
+from spdjax.ci import CIParams
 from spdjax.components import Components, faithfulness_loss, materialised_kernel, masked_site_output
 from spdjax.decomposition import SPDParams
 from spdjax.masks import SiteMask
 from spdjax.sites import SiteSpec
-from tests import numpy_ref as ref
+import numpy_ref as ref  # tests/ is on sys.path (pytest rootdir-relative import)
 
 RTOL, ATOL = 1e-5, 1e-6
 B, T = 2, 3
@@ -220,23 +222,46 @@ def test_ci_l0():
 
 
 class MLP(nnx.Module):
-    def __init__(self, dims, rngs, dtype=jnp.float32):
-        self.fc1 = nnx.Linear(dims[0], dims[1], rngs=rngs, param_dtype=dtype)
-        self.fc2 = nnx.Linear(dims[1], dims[2], rngs=rngs, param_dtype=dtype)
+    def __init__(self, dims, dtype=jnp.float32):
+        zeros = nnx.initializers.zeros  # real values are set from numpy below (no RNG compiles)
+        kw = dict(rngs=nnx.Rngs(0), param_dtype=dtype, kernel_init=zeros, bias_init=zeros)
+        self.fc1 = nnx.Linear(dims[0], dims[1], **kw)
+        self.fc2 = nnx.Linear(dims[1], dims[2], **kw)
 
     def __call__(self, x):
         return self.fc2(jnp.tanh(self.fc1(x)))
 
 
+def _ci_params(rng, kind, d_in, c, hidden, dtype):
+    """CI params per the CIParams layout, N(0, 1/fan_in) weights, zero biases (numpy RNG)."""
+    dims = (1 if kind == "mlp" else d_in, *hidden, c if kind == "shared_mlp" else 1)
+    ws, bs = [], []
+    for fi, fo in zip(dims[:-1], dims[1:]):
+        lead = () if kind == "shared_mlp" else (c,)
+        ws.append(jnp.asarray(_np(rng, *lead, fi, fo, scale=1 / np.sqrt(fi)), dtype))
+        bs.append(jnp.zeros(lead + (fo,), dtype))
+    return CIParams(tuple(ws), tuple(bs), kind)
+
+
+@functools.lru_cache(maxsize=None)  # shared across tests: identical targets hit the jit caches
 def _build(dims=(4, 6, 5), Cs=(3, 4), seed=0, dtype=jnp.float32, ci_type="mlp", ci_hidden=(5,)):
-    """NNX MLP with random biases, its Target, SPDParams, and the numpy copies of everything."""
+    """NNX MLP with random weights and biases, its Target, SPDParams, and numpy copies of the layers.
+
+    Everything random comes from numpy (no JAX RNG compiles); SPDParams follow the reference init.
+    """
     rng = np.random.default_rng(seed)
-    model = MLP(dims, nnx.Rngs(seed), dtype)
-    model.fc1.bias[...] = jnp.asarray(_np(rng, dims[1], scale=0.5), dtype)
-    model.fc2.bias[...] = jnp.asarray(_np(rng, dims[2], scale=0.5), dtype)
+    model = MLP(dims, dtype)
+    for layer, (i, o) in zip((model.fc1, model.fc2), zip(dims[:-1], dims[1:])):
+        layer.kernel[...] = jnp.asarray(_np(rng, i, o, scale=1 / np.sqrt(i)), dtype)
+        layer.bias[...] = jnp.asarray(_np(rng, o, scale=0.5), dtype)
     layers = [(ref.f64(l.kernel[...]), ref.f64(l.bias[...])) for l in (model.fc1, model.fc2)]
     target = spdjax.from_nnx(model, {"fc1": Cs[0], "fc2": Cs[1]})
-    params = spdjax.init_decomposition(jax.random.key(seed + 1), target, ci_type, ci_hidden, dtype)
+    comps, ci = {}, {}
+    for name, (i, o), c in zip(("fc1", "fc2"), zip(dims[:-1], dims[1:]), Cs):
+        comps[name] = Components(V=jnp.asarray(_np(rng, i, c, scale=1 / np.sqrt(i)), dtype),
+                                 U=jnp.asarray(_np(rng, c, o, scale=1 / np.sqrt(c)), dtype))
+        ci[name] = _ci_params(rng, ci_type, i, c, ci_hidden, dtype)
+    params = SPDParams(comps, ci)
     x = jnp.asarray(_np(rng, B, T, dims[0]), dtype)
     return model, target, params, layers, x
 
@@ -308,7 +333,7 @@ TERMS = (
                          [("leaky_hard", "mse", 0.9, 0.5), ("logistic", "kl", 2.0, 0.0)])
 def test_loss_fn_deterministic_terms(sigmoid, output_loss, pnorm, beta):
     """Faithfulness, minimality, CI-masked (+ layerwise), unmasked recon, ci_l0 and the weighted total."""
-    model, target, params, layers, x = _build(seed=3)
+    model, target, params, layers, x = _build()
     # give the CI functions non-zero biases so z covers negative, (0, 1) and > 1 values
     rng = np.random.default_rng(12)
     ci = {n: dataclasses.replace(p, biases=tuple(b + _j(_np(rng, *b.shape, scale=0.5)) for b in p.biases))

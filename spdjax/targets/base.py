@@ -64,7 +64,8 @@ class Target:
 
     Attributes:
       params: the target's (frozen) arrays, a pytree; passed through `jit` as data.
-      sites: every site in forward order, including inserted identities and tied sites.
+      sites: every site (model-graph order; an inserted identity just before its host), tied
+        sites included.
       apply_fn: `(params, batch) -> output`; sites go through `call_site`.
       kernels_fn: `params -> {site name: (kernel (d_in, d_out), bias or None)}` for every
         non-identity site.

@@ -93,6 +93,12 @@ class SiteHook(nnx.Module):
             kernel = kernel.reshape(self.spec.d_in, self.spec.d_out)
         return call_site(self.spec, a, kernel, bias, self.layer)
 
+    def attend(self, query):
+        """nnx.Embed.attend (tied unembedding) of the wrapped layer; this use is not decomposed."""
+        if not isinstance(self.layer, nnx.Embed):
+            raise AttributeError(f"site {self.spec.name!r}: only Embed sites have attend()")
+        return self.layer.attend(query)
+
 
 def _get(parent, key):
     return parent[key] if isinstance(key, int) else getattr(parent, key)
