@@ -3,6 +3,7 @@
 The core is pure: parameters are pytrees, every operation a function of (params, batch, key).
 """
 
+from spdjax import xla_flags  # noqa: F401  (must run before JAX initialises its backend)
 from spdjax.ci import CIParams, init_ci
 from spdjax.components import Components, materialised_kernel, masked_site_output
 from spdjax.decomposition import SPDParams, init_decomposition

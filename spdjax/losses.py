@@ -51,6 +51,7 @@ class LossConfig:
     minimality_beta: float = 0.0
     minimality_eps: float = 1e-12
     ci_l0_threshold: float = 0.1
+    layerwise_unroll: int | None = None  # lax.scan unroll of the per-site sweep; None: all sites
 
     def __post_init__(self):
         for name, c in self.coeffs:
@@ -69,6 +70,9 @@ class LossConfig:
             v = getattr(self, f)
             if v is not None and not v > 0:
                 raise ValueError(f"loss.{f} must be > 0, got {v!r}")
+        u = self.layerwise_unroll
+        if u is not None and (isinstance(u, bool) or not isinstance(u, int) or u < 1):
+            raise ValueError(f"loss.layerwise_unroll must be None or an int >= 1, got {u!r}")
         if not 0.0 <= self.p_anneal_start_frac <= self.p_anneal_end_frac:
             raise ValueError(
                 "loss.p_anneal_start_frac must satisfy 0 <= p_anneal_start_frac <= p_anneal_end_frac, "
@@ -157,11 +161,14 @@ def layerwise_forward_losses(
     out: Array,
     site_masks: dict[str, SiteMask],
     output_loss: str,
+    unroll: int | None = None,
 ) -> Float[Array, ""]:
     """Mean over sites l of D(forward with only site l masked, out), sweeping l with `lax.scan`.
 
     Each site's handler runs `lax.cond(l == its index, masked, clean)`, so an iteration computes one
-    masked site and the rest of the model clean.
+    masked site and the rest of the model clean. `unroll` is the scan's unroll factor (None: fully
+    unrolled, which lets XLA fold the conds and fuse across sites; pass 1 for many sites to keep
+    compile time and code size flat).
     """
     names = [s.name for s in target.sites if s.name in site_masks]
     index = {n: i for i, n in enumerate(names)}
@@ -181,7 +188,8 @@ def layerwise_forward_losses(
         pred = target.run(batch, handler)
         return total + divergence(output_loss, pred, out), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), out.dtype), jnp.arange(len(names)))
+    unroll = len(names) if unroll is None else unroll
+    total, _ = jax.lax.scan(body, jnp.zeros((), out.dtype), jnp.arange(len(names)), unroll=unroll)
     return total / len(names)
 
 
@@ -214,12 +222,12 @@ def stochastic_recon_loss(
 
 
 def stochastic_recon_layerwise_loss(
-    params, target, batch, out, site_masks: dict[str, SiteMask], output_loss="mse"
+    params, target, batch, out, site_masks: dict[str, SiteMask], output_loss="mse", unroll=None
 ) -> Float[Array, ""]:
     """(1/(S L)) sum_s sum_l D(f(x | only site l masked with m^(s)_l), f(x)); vmap over S, scan over l."""
 
     def one(sm):
-        return layerwise_forward_losses(params, target, batch, out, sm, output_loss)
+        return layerwise_forward_losses(params, target, batch, out, sm, output_loss, unroll)
 
     return jnp.mean(jax.vmap(one)(site_masks))
 
@@ -273,7 +281,8 @@ def _stochastic_recon(ctx: LossContext):
 
 def _stochastic_recon_layerwise(ctx: LossContext):
     return stochastic_recon_layerwise_loss(
-        ctx.params, ctx.target, ctx.batch, ctx.out, _stochastic(ctx, 2), ctx.config.output_loss
+        ctx.params, ctx.target, ctx.batch, ctx.out, _stochastic(ctx, 2), ctx.config.output_loss,
+        ctx.config.layerwise_unroll,
     )
 
 
@@ -292,7 +301,7 @@ def _ci_masked_recon(ctx: LossContext):
 def _ci_masked_recon_layerwise(ctx: LossContext):
     return layerwise_forward_losses(
         ctx.params, ctx.target, ctx.batch, ctx.out, masks_lib.deterministic_masks(ctx.ci.lower),
-        ctx.config.output_loss,
+        ctx.config.output_loss, ctx.config.layerwise_unroll,
     )
 
 
