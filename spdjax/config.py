@@ -14,6 +14,7 @@ Layout of a run config (see configs/*.py):
     optim: {steps, lr, schedule, warmup_frac, final_lr_frac, clip_components, clip_ci,
             faithfulness_warmup_steps, faithfulness_warmup_lr, faithfulness_warmup_weight_decay}
     batch_size: int, eval_batch_size: int, log_every: int
+    checkpoint_every: int (steps between checkpoints; default 1000), keep_checkpoints: int (default 3)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from spdjax.train import OptimConfig
 
 TOP_LEVEL = {
     "experiment", "seed", "target", "sites", "tied", "identity", "ci", "loss", "optim",
-    "batch_size", "eval_batch_size", "log_every",
+    "batch_size", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
 }
 
 
@@ -49,6 +50,8 @@ class RunConfig:
     batch_size: int
     eval_batch_size: int
     log_every: int
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
 
 
 def _to_dict(section, name: str) -> dict:
@@ -132,4 +135,6 @@ def parse(cfg: ml_collections.ConfigDict) -> RunConfig:
         batch_size=_positive_int(cfg.get("batch_size", 1024), "batch_size"),
         eval_batch_size=_positive_int(cfg.get("eval_batch_size", cfg.get("batch_size", 1024)), "eval_batch_size"),
         log_every=_positive_int(cfg.get("log_every", 100), "log_every"),
+        checkpoint_every=_positive_int(cfg.get("checkpoint_every", 1000), "checkpoint_every"),
+        keep_checkpoints=_positive_int(cfg.get("keep_checkpoints", 3), "keep_checkpoints"),
     )

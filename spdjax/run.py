@@ -1,22 +1,89 @@
-"""A whole decomposition run: config -> target -> train -> save -> analyse -> summary.
+"""A whole decomposition run: config -> target -> train (checkpointed, resumable) -> export -> summary.
 
-Writes into the workdir: `config.json`, `metrics.jsonl` (one line per log step), `decomposition/` (the
-final decomposition, see spdjax.export), `summary.json` (flat keys) and the experiment's figures.
+Writes into the workdir: `config.json`, `checkpoints/` (Orbax), `metrics.jsonl` (one line per log
+step) and `tensorboard/`, `decomposition/` (the final decomposition, see spdjax.export),
+`summary.json` (flat keys) and the experiment's figures.
+
+Re-running the same command with the same workdir resumes from the newest complete checkpoint and
+ends bit-for-bit where an uninterrupted run would have ended (same machine). A workdir whose saved
+config differs is refused, listing the differing fields, unless `fresh` (start over) or
+`allow_config_change` is given.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 import jax
 import ml_collections
 
-from spdjax.config import RunConfig, parse
 from spdjax import export
+from spdjax.checkpoint import Checkpointer
+from spdjax.config import RunConfig, parse
 from spdjax.decomposition import init_decomposition
-from spdjax.train import LogRecord, train
+from spdjax.metrics_writer import MetricsWriter
+from spdjax.train import (
+    LogRecord,
+    TrainState,
+    faithfulness_warmup,
+    init_train_state,
+    make_optimizer,
+    make_schedule,
+    make_train_step,
+    run_steps,
+)
+
+
+class ConfigMismatchError(ValueError):
+    """The workdir holds a run with a different config."""
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """`["field: old -> new", ...]` over the flattened configs."""
+    a, b = _flatten(old), _flatten(new)
+    return [
+        f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, "<absent>") != b.get(k, "<absent>")
+    ]
+
+
+def _config_json(cfg: ml_collections.ConfigDict) -> dict:
+    return json.loads(cfg.to_json_best_effort())
+
+
+def prepare_workdir(cfg, workdir: Path, fresh: bool, allow_config_change: bool) -> None:
+    """Check the workdir against `cfg` (see the module docstring) and write config.json."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    new = _config_json(cfg)
+    saved = workdir / "config.json"
+    if fresh:
+        for name in ("checkpoints", "tensorboard", "decomposition"):
+            shutil.rmtree(workdir / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "summary.json"):
+            (workdir / name).unlink(missing_ok=True)
+    elif saved.exists() and (workdir / "checkpoints").exists():
+        diff = config_diff(json.loads(saved.read_text()), new)
+        if diff and not allow_config_change:
+            raise ConfigMismatchError(
+                f"workdir {workdir} holds a run with a different config ({'; '.join(diff)}); pass "
+                "--fresh to start over or --allow_config_change to resume with the new config"
+            )
+    saved.write_text(json.dumps(new, indent=2))
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -24,53 +91,114 @@ def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k.split('/', 1)[1]}={metrics[k]:.4g}" for k in keys)
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str | Path, cache_dir: str | Path, quiet: bool = False) -> dict:
-    """Run the decomposition described by `cfg`; returns the summary dict (also in summary.json)."""
+class _Stop(Exception):
+    pass
+
+
+def run(
+    cfg: ml_collections.ConfigDict,
+    workdir: str | Path,
+    cache_dir: str | Path,
+    quiet: bool = False,
+    fresh: bool = False,
+    allow_config_change: bool = False,
+    stop_at_step: int | None = None,
+) -> dict | None:
+    """Run (or resume) the decomposition described by `cfg`; returns the summary (also in summary.json).
+
+    `stop_at_step` ends the session right after that step's checkpoint, as a preemption would (for
+    tests); it returns None.
+    """
     import experiments
 
     rc: RunConfig = parse(cfg)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    prepare_workdir(cfg, workdir, fresh, allow_config_change)
     exp = experiments.build(rc, Path(cache_dir))
     key = jax.random.key(rc.seed)
     params = init_decomposition(jax.random.fold_in(key, 0), exp.target, rc.ci_type, rc.ci_hidden)
+    optimizer = make_optimizer(rc.optim)
+    template = init_train_state(params, optimizer, jax.random.fold_in(key, 1))
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=rc.keep_checkpoints)
+    restored = ckpt.restore_latest(template)
+    prior_wall = 0.0
+    if restored is not None:
+        state, extra = restored
+        prior_wall = float(extra.get("wall_time_s", 0.0))
+        if not quiet:
+            print(f"resuming from the checkpoint at step {int(state.step)}", flush=True)
+    else:
+        state = init_train_state(faithfulness_warmup(params, exp.target, rc.optim), optimizer, template.key)
+    resume_step = int(state.step) if restored is not None else None
 
-    metrics_path = workdir / "metrics.jsonl"
-    metrics_file = metrics_path.open("w")
-    last: dict[str, float] = {}
-    bar_ref = {}
+    writer = MetricsWriter(workdir, resume_step=resume_step)
+    bar_ref: dict = {}
+    t0 = time.perf_counter()
 
     def on_log(rec: LogRecord):
-        last.clear()
-        last.update(rec.metrics)
-        metrics_file.write(json.dumps({"step": rec.step, "wall_time_s": rec.wall_time_s, **rec.metrics}) + "\n")
-        metrics_file.flush()
+        writer.write(rec.step, rec.metrics, wall_time_s=prior_wall + rec.wall_time_s)
         bar = bar_ref.get("bar")
         if bar is not None:
             bar.set_postfix_str(_fmt(rec.metrics), refresh=False)
 
-    t0 = time.perf_counter()
-    state, history = train(
-        exp.target, params, rc.loss, rc.optim, jax.random.fold_in(key, 1),
-        batch_fn=exp.batch_fn, log_every=rc.log_every, on_log=on_log,
-        progress_bar=not quiet, bar_ref=bar_ref,
-    )
+    def checkpoint(s: TrainState):
+        ckpt.save(s, {"wall_time_s": prior_wall + time.perf_counter() - t0})
+        if stop_at_step is not None and int(s.step) >= stop_at_step:
+            raise _Stop
+
+    step_fn = make_train_step(rc.loss, optimizer, rc.optim.steps, exp.batch_fn, make_schedule(rc.optim))
+    try:
+        state = run_steps(
+            state, step_fn, exp.target, rc.optim.steps, log_every=rc.log_every, on_log=on_log,
+            checkpoint=checkpoint, checkpoint_every=rc.checkpoint_every,
+            progress_bar=not quiet, bar_ref=bar_ref,
+        )
+    except _Stop:
+        return None
+    finally:
+        ckpt.close()
+        writer.close()
     jax.block_until_ready(state.params)
-    wall = time.perf_counter() - t0
-    metrics_file.close()
+    wall = prior_wall + time.perf_counter() - t0
+    return finish(rc, exp, state, workdir, wall)
+
+
+def finish(rc: RunConfig, exp, state: TrainState, workdir: Path, wall: float) -> dict:
+    """Export the decomposition, analyse it and write summary.json."""
     export.save(
         workdir / "decomposition", state.params, exp.target.sites, rc.ci_type, rc.ci_hidden,
-        extra={"experiment": rc.experiment, **exp.info},
+        extra={"experiment": rc.experiment, "step": int(state.step), **exp.info},
     )
-
-    summary = {k: v for k, v in exp.analyze(state.params, exp.target, workdir).items()}
-    summary.update({f"final/{k}": v for k, v in last.items()})
+    summary = dict(exp.analyze(state.params, exp.target, workdir))
+    last = _last_metrics(workdir / "metrics.jsonl")
+    summary.update({f"final/{k}": v for k, v in last.items() if k not in ("step", "wall_time_s")})
     summary["wall_time_s"] = wall
     summary["steps"] = rc.optim.steps
     summary.update({f"target/{k}": v for k, v in exp.info.items()})
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=float))
     return summary
+
+
+def analyze(cfg: ml_collections.ConfigDict, workdir: str | Path, cache_dir: str | Path) -> dict:
+    """Regenerate the summary and every figure from a finished run's exported decomposition."""
+    import experiments
+
+    rc = parse(cfg)
+    workdir = Path(workdir)
+    dec = export.load(workdir / "decomposition")
+    exp = experiments.build(rc, Path(cache_dir))
+    if dec.sites != exp.target.sites:
+        raise ValueError(f"{workdir / 'decomposition'} does not match the config's target sites")
+    prior = json.loads((workdir / "summary.json").read_text()) if (workdir / "summary.json").exists() else {}
+    state = TrainState(jax.numpy.asarray(dec.extra.get("step", rc.optim.steps)), dec.params, None, None)
+    return finish(rc, exp, state, workdir, float(prior.get("wall_time_s", float("nan"))))
+
+
+def _last_metrics(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    return json.loads(lines[-1]) if lines else {}
 
 
 def format_summary(summary: dict) -> str:

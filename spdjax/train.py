@@ -184,6 +184,89 @@ class LogRecord(NamedTuple):
     wall_time_s: float
 
 
+class NonFiniteError(RuntimeError):
+    """A loss term or a parameter became NaN/Inf; raised before anything bad is checkpointed."""
+
+
+def params_finite(params) -> Array:
+    """Scalar bool: every parameter is finite."""
+    leaves = jax.tree.leaves(params)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+_params_finite = jax.jit(params_finite)
+
+
+def _check_finite(step: int, metrics: dict[str, float], params) -> None:
+    _check_finite_metrics(step, metrics)
+    if not bool(_params_finite(params)):
+        raise NonFiniteError(f"step {step}: a parameter became non-finite (all loss terms were finite)")
+
+
+def run_steps(
+    state: TrainState,
+    step_fn,
+    target: Target,
+    total_steps: int,
+    batches: Iterator[Any] | None = None,
+    log_every: int = 100,
+    on_log: Callable[[LogRecord], None] | None = None,
+    checkpoint: Callable[[TrainState], None] | None = None,
+    checkpoint_every: int | None = None,
+    progress_bar: bool = False,
+    bar_ref: dict | None = None,
+) -> TrainState:
+    """Step `state` from `state.step` to `total_steps`.
+
+    Metrics reach the host only on log and checkpoint steps, where they (and, before a checkpoint,
+    the parameters) are checked for NaN/Inf: a `NonFiniteError` names the step and the loss terms, and
+    nothing non-finite is ever checkpointed. `checkpoint(state)` runs every `checkpoint_every` steps
+    and at the end.
+    """
+    start = int(state.step)
+    bar = None
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=start, dynamic_ncols=True, unit="step")
+        if bar_ref is not None:
+            bar_ref["bar"] = bar
+    t0 = time.perf_counter()
+    try:
+        for i in range(start, total_steps):
+            batch = next(batches) if batches is not None else None
+            state, metrics = step_fn(state, target, batch)
+            step = i + 1
+            is_log = step % log_every == 0 or step == total_steps
+            is_ckpt = checkpoint is not None and (
+                step == total_steps or (checkpoint_every and step % checkpoint_every == 0)
+            )
+            if is_log or is_ckpt:
+                host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+                if is_ckpt:
+                    _check_finite(step, host, state.params)
+                else:
+                    _check_finite_metrics(step, host)
+                if is_log:
+                    rec = LogRecord(step, host, time.perf_counter() - t0)
+                    if on_log is not None:
+                        on_log(rec)
+                if is_ckpt:
+                    checkpoint(state)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return state
+
+
+def _check_finite_metrics(step: int, metrics: dict[str, float]) -> None:
+    bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
+    if bad:
+        raise NonFiniteError(f"step {step}: non-finite value in {', '.join(bad)}")
+
+
 def train(
     target: Target,
     params: SPDParams,
@@ -206,29 +289,17 @@ def train(
     params = jax.tree.map(jnp.copy, params)  # the jitted step donates its state: keep the caller's
     params = faithfulness_warmup(params, target, optim)
     optimizer = make_optimizer(optim)
-    schedule = make_schedule(optim)
     state = init_train_state(params, optimizer, key)
-    step_fn = make_train_step(loss_config, optimizer, optim.steps, batch_fn, schedule)
+    step_fn = make_train_step(loss_config, optimizer, optim.steps, batch_fn, make_schedule(optim))
     history: list[LogRecord] = []
-    bar = None
-    if progress_bar:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=optim.steps, dynamic_ncols=True, unit="step")
-        if bar_ref is not None:
-            bar_ref["bar"] = bar
-    t0 = time.perf_counter()
-    for i in range(optim.steps):
-        batch = next(batches) if batches is not None else None
-        state, metrics = step_fn(state, target, batch)
-        if (i + 1) % log_every == 0 or i + 1 == optim.steps:
-            host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
-            rec = LogRecord(i + 1, host, time.perf_counter() - t0)
-            history.append(rec)
-            if on_log is not None:
-                on_log(rec)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    def log(rec: LogRecord):
+        history.append(rec)
+        if on_log is not None:
+            on_log(rec)
+
+    state = run_steps(
+        state, step_fn, target, optim.steps, batches, log_every, log,
+        progress_bar=progress_bar, bar_ref=bar_ref,
+    )
     return state, history

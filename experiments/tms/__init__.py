@@ -145,6 +145,8 @@ def tms_config(n_features: int, n_hidden: int, identity: bool = False, smoke: bo
     cfg.batch_size = 4096
     cfg.eval_batch_size = 4096
     cfg.log_every = 100
+    cfg.checkpoint_every = 1000
+    cfg.keep_checkpoints = 3
     if smoke:
         cfg.target.steps = 300
         cfg.target.batch_size = 256
@@ -154,4 +156,5 @@ def tms_config(n_features: int, n_hidden: int, identity: bool = False, smoke: bo
         cfg.batch_size = 256
         cfg.eval_batch_size = 256
         cfg.log_every = 10
+        cfg.checkpoint_every = 10
     return cfg
