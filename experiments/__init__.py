@@ -25,7 +25,8 @@ class Experiment:
     target: the trained target with its sites chosen (from `run.sites`, `run.tied`, `run.identity`).
     batch_fn: `key -> batch` of `run.batch_size` examples; pure and jittable (sampled on device).
     analyze: `(params, target, workdir) -> summary dict` of ground-truth metrics (flat, JSON-able
-      floats/ints/lists) and figures written as PNG into `workdir`.
+      floats/ints/lists) and figures written as PNG into `workdir`; `workdir=None` skips the figures
+      (periodic evaluation).
     info: facts about the target worth recording (e.g. the seed its training ended up using).
     """
 

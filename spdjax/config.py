@@ -15,6 +15,8 @@ Layout of a run config (see configs/*.py):
             faithfulness_warmup_steps, faithfulness_warmup_lr, faithfulness_warmup_weight_decay}
     batch_size: int, eval_batch_size: int, log_every: int
     checkpoint_every: int (steps between checkpoints; default 1000), keep_checkpoints: int (default 3)
+    eval_every: int (held-out evaluation: every loss term, CI-L0, ground-truth metrics; default 1000)
+    figures_every: int (figures during training, into figures/step_N; 0 = only at the end)
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from spdjax.train import OptimConfig
 TOP_LEVEL = {
     "experiment", "seed", "target", "sites", "tied", "identity", "ci", "loss", "optim",
     "batch_size", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+    "eval_every", "figures_every",
 }
 
 
@@ -52,6 +55,8 @@ class RunConfig:
     log_every: int
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
+    eval_every: int = 1000
+    figures_every: int = 0
 
 
 def _to_dict(section, name: str) -> dict:
@@ -75,6 +80,12 @@ def _dataclass_from(cls, values: dict, section: str):
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"config.{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _nonneg_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"config.{name} must be an int >= 0, got {value!r}")
     return value
 
 
@@ -137,4 +148,6 @@ def parse(cfg: ml_collections.ConfigDict) -> RunConfig:
         log_every=_positive_int(cfg.get("log_every", 100), "log_every"),
         checkpoint_every=_positive_int(cfg.get("checkpoint_every", 1000), "checkpoint_every"),
         keep_checkpoints=_positive_int(cfg.get("keep_checkpoints", 3), "keep_checkpoints"),
+        eval_every=_positive_int(cfg.get("eval_every", 1000), "eval_every"),
+        figures_every=_nonneg_int(cfg.get("figures_every", 0), "figures_every"),
     )

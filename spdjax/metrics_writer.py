@@ -157,6 +157,8 @@ class MetricsWriter:
         wandb_project: str | None = None,
         wandb_run_name: str | None = None,
         config: dict | None = None,
+        metrics_file: str = METRICS_FILE,
+        tensorboard_dir: str = TENSORBOARD_DIR,
     ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +181,8 @@ class MetricsWriter:
                     "unset to log to metrics.jsonl and TensorBoard only."
                 ) from e
 
-        self.metrics_path = self.workdir / METRICS_FILE
+        self.metrics_path = self.workdir / metrics_file
+        self._tb_dir = self.workdir / tensorboard_dir
         if self.resume_step is not None and self.metrics_path.exists():
             _truncate_jsonl(self.metrics_path, self.resume_step)
             mode = "a"
@@ -187,7 +190,7 @@ class MetricsWriter:
             mode = "w"
         self._jsonl = self.metrics_path.open(mode)
         try:
-            self._tb = _TensorBoardSink(self.workdir / TENSORBOARD_DIR, self.resume_step)
+            self._tb = _TensorBoardSink(self.workdir / tensorboard_dir, self.resume_step)
             if wandb is not None:
                 self._wandb_run = self._init_wandb(wandb, wandb_project, wandb_run_name, config)
         except BaseException:
@@ -211,7 +214,7 @@ class MetricsWriter:
 
     @property
     def tensorboard_dir(self) -> Path:
-        return self.workdir / TENSORBOARD_DIR
+        return self._tb_dir
 
     def write(
         self, step: int, metrics: Mapping[str, float], wall_time_s: float | None = None, prefix: str = ""

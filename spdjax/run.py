@@ -1,7 +1,7 @@
 """A whole decomposition run: config -> target -> train (checkpointed, resumable) -> export -> summary.
 
 Writes into the workdir: `config.json`, `checkpoints/` (Orbax), `metrics.jsonl` (one line per log
-step) and `tensorboard/`, `decomposition/` (the final decomposition, see spdjax.export),
+step), `eval.jsonl` (one line per held-out evaluation, keys `eval/...`), `tensorboard/`, `decomposition/` (the final decomposition, see spdjax.export),
 `summary.json` (flat keys) and the experiment's figures.
 
 Re-running the same command with the same workdir resumes from the newest complete checkpoint and
@@ -74,7 +74,7 @@ def prepare_workdir(cfg, workdir: Path, fresh: bool, allow_config_change: bool) 
     if fresh:
         for name in ("checkpoints", "tensorboard", "decomposition"):
             shutil.rmtree(workdir / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "summary.json"):
+        for name in ("metrics.jsonl", "eval.jsonl", "summary.json"):
             (workdir / name).unlink(missing_ok=True)
     elif saved.exists() and (workdir / "checkpoints").exists():
         diff = config_diff(json.loads(saved.read_text()), new)
@@ -132,6 +132,9 @@ def run(
     resume_step = int(state.step) if restored is not None else None
 
     writer = MetricsWriter(workdir, resume_step=resume_step)
+    eval_writer = MetricsWriter(
+        workdir, resume_step=resume_step, metrics_file="eval.jsonl", tensorboard_dir="tensorboard/eval"
+    )
     bar_ref: dict = {}
     t0 = time.perf_counter()
 
@@ -146,21 +149,60 @@ def run(
         if stop_at_step is not None and int(s.step) >= stop_at_step:
             raise _Stop
 
+    check_batch(exp)
     step_fn = make_train_step(rc.loss, optimizer, rc.optim.steps, exp.batch_fn, make_schedule(rc.optim))
+    eval_fn = make_eval_fn(rc, exp)
+
+    def evaluate(s: TrainState):
+        step = int(s.step)
+        figures = rc.figures_every and step % rc.figures_every == 0 and step != rc.optim.steps
+        metrics = eval_fn(s.params, exp.target, jax.random.fold_in(eval_key, step))
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        gt = exp.analyze(s.params, exp.target, workdir / "figures" / f"step_{step}" if figures else None)
+        host.update({k: float(v) for k, v in gt.items() if isinstance(v, (int, float))})
+        eval_writer.write(step, host, wall_time_s=prior_wall + time.perf_counter() - t0, prefix="eval/")
+
+    eval_key = jax.random.fold_in(key, 2)
     try:
         state = run_steps(
             state, step_fn, exp.target, rc.optim.steps, log_every=rc.log_every, on_log=on_log,
             checkpoint=checkpoint, checkpoint_every=rc.checkpoint_every,
-            progress_bar=not quiet, bar_ref=bar_ref,
+            progress_bar=not quiet, bar_ref=bar_ref, evaluate=evaluate, eval_every=rc.eval_every,
         )
     except _Stop:
         return None
     finally:
         ckpt.close()
         writer.close()
+        eval_writer.close()
     jax.block_until_ready(state.params)
     wall = prior_wall + time.perf_counter() - t0
     return finish(rc, exp, state, workdir, wall)
+
+
+def check_batch(exp) -> None:
+    """A one-line error, before any compilation, when the experiment's batches do not fit its target."""
+    batch = jax.eval_shape(exp.batch_fn, jax.random.key(0))
+    try:
+        jax.eval_shape(exp.target, batch)
+    except Exception as e:  # noqa: BLE001
+        shapes = jax.tree.map(lambda x: f"{x.dtype}{list(x.shape)}", batch)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"batch {shapes} does not fit the target: {first}") from None
+
+
+def make_eval_fn(rc: RunConfig, exp):
+    """Jitted `(params, target, key) -> metrics`: every loss term and CI-L0 on a held-out batch."""
+    from spdjax.losses import TERMS, loss_fn
+
+    def eval_fn(params, target, key):
+        batch = exp.batch_fn(jax.random.fold_in(key, 0))
+        _, metrics = loss_fn(
+            params, target, batch, jax.random.fold_in(key, 1), rc.loss, 1.0, tuple(TERMS)
+        )
+        return metrics
+
+    return jax.jit(eval_fn)
 
 
 def finish(rc: RunConfig, exp, state: TrainState, workdir: Path, wall: float) -> dict:

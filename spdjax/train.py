@@ -215,13 +215,15 @@ def run_steps(
     checkpoint_every: int | None = None,
     progress_bar: bool = False,
     bar_ref: dict | None = None,
+    evaluate: Callable[[TrainState], None] | None = None,
+    eval_every: int | None = None,
 ) -> TrainState:
     """Step `state` from `state.step` to `total_steps`.
 
     Metrics reach the host only on log and checkpoint steps, where they (and, before a checkpoint,
     the parameters) are checked for NaN/Inf: a `NonFiniteError` names the step and the loss terms, and
     nothing non-finite is ever checkpointed. `checkpoint(state)` runs every `checkpoint_every` steps
-    and at the end.
+    and at the end; `evaluate(state)` every `eval_every` steps and at the end.
     """
     start = int(state.step)
     bar = None
@@ -253,6 +255,8 @@ def run_steps(
                         on_log(rec)
                 if is_ckpt:
                     checkpoint(state)
+            if evaluate is not None and eval_every and (step % eval_every == 0 or step == total_steps):
+                evaluate(state)
             if bar is not None:
                 bar.update(1)
     finally:

@@ -147,6 +147,8 @@ def tms_config(n_features: int, n_hidden: int, identity: bool = False, smoke: bo
     cfg.log_every = 100
     cfg.checkpoint_every = 1000
     cfg.keep_checkpoints = 3
+    cfg.eval_every = 1000
+    cfg.figures_every = 0
     if smoke:
         cfg.target.steps = 300
         cfg.target.batch_size = 256
@@ -157,4 +159,5 @@ def tms_config(n_features: int, n_hidden: int, identity: bool = False, smoke: bo
         cfg.eval_batch_size = 256
         cfg.log_every = 10
         cfg.checkpoint_every = 10
+        cfg.eval_every = 10
     return cfg

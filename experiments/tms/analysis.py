@@ -36,7 +36,7 @@ def make_analyze(
     ci_l0_threshold: float,
     info: dict,
 ) -> Callable[[SPDParams, Target, Path], dict]:
-    """`analyze(params, target, workdir) -> flat summary dict`, writing figures into `workdir`.
+    """`analyze(params, target, workdir) -> flat summary dict`, writing figures into `workdir` (None: none).
 
     Keys: `mmcs`, `ml2r` (on W, the `linear1` site; also `mmcs/<site>`, `ml2r/<site>` for every primary
     linear site), `n_alive/<site>` for every primary site and `n_alive` (their sum), `ci_l0/<site>` on
@@ -44,9 +44,7 @@ def make_analyze(
     `target_n_represented`.
     """
 
-    def analyze(params: SPDParams, target: Target, workdir: Path) -> dict:
-        workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
+    def analyze(params: SPDParams, target: Target, workdir: Path | None) -> dict:
         out: dict = {}
         kernels = {k: np.asarray(v) for k, v in target.kernels().items()}
         for s in target.primary_sites:
@@ -81,7 +79,9 @@ def make_analyze(
         out["target_seed"] = int(info["seed_used"])
         out["target_n_represented"] = int(info["n_represented"])
 
-        _figures(params, target, kernels, ci, patterns, workdir)
+        if workdir is not None:
+            Path(workdir).mkdir(parents=True, exist_ok=True)
+            _figures(params, target, kernels, ci, patterns, Path(workdir))
         return out
 
     return analyze
