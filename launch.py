@@ -46,6 +46,20 @@ def main(argv):
     print(f"outputs in {workdir}")
 
 
+def parse_flags(argv):
+    """absl flag parsing with one-line errors (unknown or mistyped --config.* overrides included)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override names a missing field
+        name = str(e).strip("\"'")
+        print(f"error: unknown config field {name!r} in a --config.* override", file=sys.stderr)
+    except (TypeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -11,6 +11,7 @@ import functools
 from pathlib import Path
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 import spdjax
 from experiments import Experiment
@@ -110,6 +111,7 @@ def tms_config(n_features: int, n_hidden: int, identity: bool = False, smoke: bo
             # with ~0.59-0.64 (||W_i|| ~1.12, b ~ -0.33: interference filtering), so 0.1 would
             # reject every seed; 0.2 still flags dropped features (output ~0).
             probe_tol=0.1 if small else 0.2,
+            weights_path="",
         )
     )
     cfg.sites = (("linear1", C), ("linear2", C))
@@ -128,6 +130,13 @@ def tms_config(n_features: int, n_hidden: int, identity: bool = False, smoke: bo
             mask_type="continuous",
             use_delta_component=True,
             output_loss="mse",
+            sigmoid="leaky_hard",
+            p_anneal_start_frac=1.0,
+            p_anneal_final_p=placeholder(float),
+            p_anneal_end_frac=1.0,
+            minimality_beta=0.0,
+            ci_l0_threshold=0.1,
+            layerwise_unroll=placeholder(int),
         )
     )
     cfg.optim = ml_collections.ConfigDict(
@@ -140,6 +149,8 @@ def tms_config(n_features: int, n_hidden: int, identity: bool = False, smoke: bo
             faithfulness_warmup_steps=200,
             faithfulness_warmup_lr=0.01,
             faithfulness_warmup_weight_decay=0.1,
+            clip_components=placeholder(float),
+            clip_ci=placeholder(float),
         )
     )
     cfg.batch_size = 4096

@@ -51,6 +51,7 @@ class TMSTargetConfig:
     max_seed_tries: int = 20
     probe_value: float = 0.75  # represented-feature check: input probe_value * e_i ...
     probe_tol: float = 0.1  # ... must give output i within probe_tol of probe_value
+    weights_path: str = ""  # a user-supplied target: .npz with W (n_hidden, n_features), b (n_features,)
 
     def __post_init__(self):
         for f in ("n_features", "n_hidden", "steps", "batch_size", "max_seed_tries"):
@@ -199,13 +200,35 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def load_weights(cfg: TMSTargetConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+    """`(W, b, info)` from `cfg.weights_path`; clear one-line errors for a missing or wrong file."""
+    path = Path(cfg.weights_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config.target.weights_path: target file {str(path)!r} does not exist")
+    with np.load(path) as data:
+        if "W" not in data or "b" not in data:
+            raise ValueError(f"config.target.weights_path: {str(path)!r} must hold arrays 'W' and 'b'")
+        W, b = data["W"].astype(np.float32), data["b"].astype(np.float32)
+    if W.shape != (cfg.n_hidden, cfg.n_features) or b.shape != (cfg.n_features,):
+        raise ValueError(
+            f"config.target.weights_path: W {W.shape} / b {b.shape} do not match n_hidden={cfg.n_hidden}, "
+            f"n_features={cfg.n_features}"
+        )
+    info = {"seed_used": -1, "n_represented": -1, "final_loss": float("nan"), "train_time_s": 0.0,
+            "platform": "file", "tries": [], "cached": False, "cache_file": str(path)}
+    return W, b, info
+
+
 def load_or_train(
     cfg: TMSTargetConfig, cache_dir: Path | None, trainer=None
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """The trained target `(W, b, info)`, from the cache when present, else trained and cached.
 
     `cache_dir=None` disables caching. `info["cached"]` says whether it came from the cache.
+    With `cfg.weights_path`, the target is read from that file instead (never trained).
     """
+    if cfg.weights_path:
+        return load_weights(cfg)
     if cache_dir is None:
         W, b, info = train_represented(cfg, trainer)
         return W, b, {**info, "cached": False}
