@@ -20,6 +20,7 @@ _CACHE = flags.DEFINE_string("cache_dir", ".cache/targets", "Where trained targe
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "analyze"], "train (or resume), or analyze a finished run.")
 _FRESH = flags.DEFINE_bool("fresh", False, "Discard the workdir's checkpoints and metrics; start over.")
 _ALLOW = flags.DEFINE_bool("allow_config_change", False, "Resume even though the config changed.")
+_WANDB = flags.DEFINE_string("wandb_project", None, "Also log to this Weights & Biases project (needs wandb).")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Keep JAX/Orbax/absl INFO logs.")
 
@@ -37,9 +38,9 @@ def main(argv):
         else:
             summary = run(
                 _CONFIG.value, workdir, _CACHE.value, quiet=_QUIET.value, fresh=_FRESH.value,
-                allow_config_change=_ALLOW.value,
+                allow_config_change=_ALLOW.value, wandb_project=_WANDB.value,
             )
-    except (ConfigMismatchError, NonFiniteError, ValueError, FileNotFoundError) as e:
+    except (ConfigMismatchError, NonFiniteError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(format_summary(summary))

@@ -12,6 +12,7 @@ config differs is refused, listing the differing fields, unless `fresh` (start o
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
@@ -103,15 +104,19 @@ def run(
     fresh: bool = False,
     allow_config_change: bool = False,
     stop_at_step: int | None = None,
+    wandb_project: str | None = None,
 ) -> dict | None:
     """Run (or resume) the decomposition described by `cfg`; returns the summary (also in summary.json).
 
     `stop_at_step` ends the session right after that step's checkpoint, as a preemption would (for
-    tests); it returns None.
+    tests); it returns None. `wandb_project` also logs the training metrics to Weights & Biases (the
+    `wandb` package must be installed).
     """
     import experiments
 
     rc: RunConfig = parse(cfg)
+    if wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ImportError(f"--wandb_project={wandb_project!r} needs the wandb package: pip install wandb")
     workdir = Path(workdir)
     prepare_workdir(cfg, workdir, fresh, allow_config_change)
     exp = experiments.build(rc, Path(cache_dir))
@@ -131,7 +136,10 @@ def run(
         state = init_train_state(faithfulness_warmup(params, exp.target, rc.optim), optimizer, template.key)
     resume_step = int(state.step) if restored is not None else None
 
-    writer = MetricsWriter(workdir, resume_step=resume_step)
+    writer = MetricsWriter(
+        workdir, resume_step=resume_step, wandb_project=wandb_project,
+        wandb_run_name=workdir.name, config=_config_json(cfg),
+    )
     eval_writer = MetricsWriter(
         workdir, resume_step=resume_step, metrics_file="eval.jsonl", tensorboard_dir="tensorboard/eval"
     )
