@@ -15,7 +15,7 @@ from jaxtyping import Array
 from spdjax.decomposition import SPDParams
 from spdjax.targets.base import Target
 
-FAMILIES = ("tms",)
+FAMILIES = ("tms", "resid_mlp")
 
 
 @dataclasses.dataclass

@@ -18,7 +18,6 @@ import time
 
 def bench_one(config_path: str, steps: int, warmup: int, cache_dir: str) -> dict:
     import jax
-    from ml_collections import config_flags  # noqa: F401  (config file loading)
     from ml_collections.config_flags import config_flags as cf
 
     import experiments

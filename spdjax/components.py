@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from spdjax.sites import SiteSpec, apply_kernel, inner_acts, lead_shape, unflat_output
+from spdjax.sites import SiteSpec, apply_kernel, inner_acts, unflat_output
 
 
 @jax.tree_util.register_dataclass

@@ -162,3 +162,28 @@ def plot_ci_heatmaps(
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def plot_scatter_panels(
+    panels: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    path: Path,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str = "",
+) -> Path:
+    """One scatter panel per entry `name: (x, y)` (arrays flattened), with the diagonal y = x dashed."""
+    plt = _plt()
+    names = list(panels)
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.4 * max(1, len(names)), 3.4), squeeze=False)
+    for i, (ax, name) in enumerate(zip(axes.flat, names)):
+        x, y = (np.ravel(np.asarray(a, np.float64)) for a in panels[name])
+        lo, hi = min(x.min(initial=0.0), y.min(initial=0.0)), max(x.max(initial=0.0), y.max(initial=0.0))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, zorder=0)
+        ax.scatter(x, y, s=4, alpha=0.5, linewidths=0)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel)
+        if i == 0:
+            ax.set_ylabel(ylabel)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

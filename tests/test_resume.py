@@ -1,7 +1,6 @@
 """Checkpoints: exact resume, config-change refusal, corrupt-checkpoint fall-back, NaN stop."""
 
 import importlib.util
-import shutil
 from pathlib import Path
 
 import jax.numpy as jnp

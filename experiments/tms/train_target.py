@@ -17,8 +17,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ import optax
 from jaxtyping import Array, Float
 
 from experiments.tms.model import represented_features, tms_forward
+from experiments.cache import atomic_write
 
 CACHE_FORMAT = 1  # bump when the trainer changes in a way that changes its results
 
@@ -187,19 +186,6 @@ def cache_paths(cfg: TMSTargetConfig, cache_dir: Path) -> tuple[Path, Path]:
     return Path(cache_dir) / f"{stem}.npz", Path(cache_dir) / f"{stem}.json"
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def load_weights(cfg: TMSTargetConfig) -> tuple[np.ndarray, np.ndarray, dict]:
     """`(W, b, info)` from `cfg.weights_path`; clear one-line errors for a missing or wrong file."""
     path = Path(cfg.weights_path)
@@ -241,7 +227,7 @@ def load_or_train(
         return W, b, {**info, "cached": True, "cache_file": str(npz)}
     W, b, info = train_represented(cfg, trainer)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(npz, lambda f: np.savez(f, W=W, b=b))
+    atomic_write(npz, lambda f: np.savez(f, W=W, b=b))
     meta = {"config": dataclasses.asdict(cfg), "cache_format": CACHE_FORMAT, "info": info}
-    _atomic_write(sidecar, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    atomic_write(sidecar, lambda f: f.write(json.dumps(meta, indent=2).encode()))
     return W, b, {**info, "cached": False, "cache_file": str(npz)}

@@ -1,0 +1,16 @@
+"""ResidMLP with 1, 2 or 3 layers: the SPD recipe of toy_models.md.
+
+`--config=configs/resid_mlp.py:2` picks the layer count (default 1); append `,smoke` (e.g. `:2,smoke`,
+or `:smoke` alone for 1 layer) to shrink it to run in seconds on CPU.
+"""
+
+from experiments.resid_mlp import resid_mlp_config
+
+
+def get_config(arg=None):
+    parts = [p.strip() for p in str(arg or "").split(",") if p.strip()]
+    smoke = "smoke" in parts
+    rest = [p for p in parts if p != "smoke"]
+    if len(rest) > 1 or (rest and rest[0] not in ("1", "2", "3")):
+        raise ValueError(f"configs/resid_mlp.py: argument must be 1, 2 or 3 [,smoke], got {arg!r}")
+    return resid_mlp_config(int(rest[0]) if rest else 1, smoke=smoke)

@@ -1,0 +1,180 @@
+"""ResidMLP (compressed computation): 1, 2 and 3-layer residual MLPs computing y = x + ReLU(x).
+
+`build(run, cache_dir)` trains (or loads from `cache_dir`, or from `run.target.weights_path`) the
+target described by `run.target`, wraps it with its sites, and returns the `Experiment` (batch sampler,
+ground-truth analysis). `resid_mlp_config(n_layers, smoke)` is the SPD recipe of toy_models.md as a run
+config; configs/resid_mlp.py calls it.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+import spdjax
+from experiments import Experiment
+from experiments.resid_mlp.analysis import make_analyze
+from experiments.resid_mlp.model import (
+    ResidMLP,
+    neuron_contributions,
+    random_embedding,
+    resid_mlp_forward,
+    resid_mlp_from_weights,
+)
+from experiments.resid_mlp.train_target import (
+    ResidMLPTargetConfig,
+    load_or_train,
+    sample_features,
+    train_resid_mlp,
+)
+
+__all__ = [
+    "ResidMLP",
+    "ResidMLPTargetConfig",
+    "SIZES",
+    "build",
+    "load_or_train",
+    "neuron_contributions",
+    "random_embedding",
+    "resid_mlp_config",
+    "resid_mlp_forward",
+    "resid_mlp_from_weights",
+    "sample_features",
+    "train_resid_mlp",
+]
+
+# n_layers -> (n_features, d_mlp per layer)
+SIZES = {1: (100, 50), 2: (100, 25), 3: (102, 17)}
+# n_layers -> SPD recipe (toy_models.md): lr, minimality coeff, C per site, CI mlp hidden, steps
+RECIPES = {
+    1: dict(lr=2e-3, minimality=1e-5, C=100, hidden=(16,), steps=20_000, target_steps=1_000),
+    2: dict(lr=1e-3, minimality=1e-5, C=400, hidden=(16,), steps=50_000, target_steps=1_000),
+    3: dict(lr=1e-3, minimality=1e-5, C=500, hidden=(128,), steps=50_000, target_steps=10_000),
+}
+
+
+def build(run, cache_dir: Path | None) -> Experiment:
+    """The ResidMLP experiment for a parsed run config (`spdjax.config.RunConfig`).
+
+    `run.target` fields: see `ResidMLPTargetConfig`. The target's weights are cached in `cache_dir`.
+    """
+    tcfg = ResidMLPTargetConfig.from_section(run.target)
+    weights, info = load_or_train(tcfg, cache_dir)
+    model = resid_mlp_from_weights(weights["W_E"], weights["W_in"], weights["W_out"])
+    target = spdjax.from_nnx(
+        model, sites=run.sites, tied=dict(run.tied), identity=run.identity or ()
+    )
+    n_f, p = tcfg.n_features, float(tcfg.feature_prob)
+    batch_fn = functools.partial(
+        sample_features, batch_size=run.batch_size, n_features=n_f, feature_prob=p
+    )
+    eval_batch_fn = functools.partial(
+        sample_features, batch_size=run.eval_batch_size, n_features=n_f, feature_prob=p
+    )
+    analyze = make_analyze(
+        n_features=n_f,
+        d_mlp=tcfg.d_mlp,
+        weights=weights,
+        eval_batch_fn=eval_batch_fn,
+        seed=run.seed,
+        sigmoid=run.loss.sigmoid,
+        ci_l0_threshold=run.loss.ci_l0_threshold,
+        info=info,
+    )
+    keys = ("seed_used", "final_loss", "initial_loss", "train_time_s", "platform")
+    flat = {k: info[k] for k in keys}
+    flat["cached"] = bool(info.get("cached", False))
+    if "cache_file" in info:
+        flat["cache_file"] = info["cache_file"]
+    return Experiment(target=target, batch_fn=batch_fn, analyze=analyze, info=flat)
+
+
+def resid_mlp_config(n_layers: int = 1, smoke: bool = False) -> ml_collections.ConfigDict:
+    """Run config (layout: spdjax/config.py) with the SPD recipe of toy_models.md for resid_mlp<n_layers>.
+
+    Adam with constant lr, batch 2048, S=1, stochastic recon 1 + layerwise 1, minimality p=2, delta
+    component + 200-step faithfulness warm-up; sites every layer's mlp_in and mlp_out with C each.
+    `smoke` shrinks the training to run in seconds on a CPU (no success expected).
+    """
+    if n_layers not in SIZES:
+        raise ValueError(f"resid_mlp: n_layers must be one of {sorted(SIZES)}, got {n_layers!r}")
+    n_f, d_mlp = SIZES[n_layers]
+    r = RECIPES[n_layers]
+    cfg = ml_collections.ConfigDict()
+    cfg.experiment = "resid_mlp"
+    cfg.seed = 0
+    cfg.target = ml_collections.ConfigDict(
+        dict(
+            n_features=n_f,
+            d_mlp=d_mlp,
+            n_layers=n_layers,
+            d_embed=1000,
+            steps=r["target_steps"],
+            batch_size=2048,
+            lr=3e-3,
+            weight_decay=0.01,
+            feature_prob=0.01,
+            seed=0,
+            weights_path="",
+        )
+    )
+    cfg.sites = (("layers.*.mlp_in", r["C"]), ("layers.*.mlp_out", r["C"]))
+    cfg.tied = ()
+    cfg.identity = ()
+    cfg.ci = ml_collections.ConfigDict(dict(type="mlp", hidden=r["hidden"]))
+    cfg.loss = ml_collections.ConfigDict(
+        dict(
+            coeffs=dict(
+                stochastic_recon=1.0,
+                stochastic_recon_layerwise=1.0,
+                importance_minimality=r["minimality"],
+            ),
+            pnorm=2.0,
+            n_mask_samples=1,
+            mask_type="continuous",
+            use_delta_component=True,
+            output_loss="mse",
+            sigmoid="leaky_hard",
+            p_anneal_start_frac=1.0,
+            p_anneal_final_p=placeholder(float),
+            p_anneal_end_frac=1.0,
+            minimality_beta=0.0,
+            ci_l0_threshold=0.1,
+            layerwise_unroll=placeholder(int),
+        )
+    )
+    cfg.optim = ml_collections.ConfigDict(
+        dict(
+            steps=r["steps"],
+            lr=r["lr"],
+            schedule="constant",
+            warmup_frac=0.0,
+            final_lr_frac=0.0,
+            faithfulness_warmup_steps=200,
+            faithfulness_warmup_lr=0.01,
+            faithfulness_warmup_weight_decay=0.1,
+            clip_components=placeholder(float),
+            clip_ci=placeholder(float),
+        )
+    )
+    cfg.batch_size = 2048
+    cfg.eval_batch_size = 2048
+    cfg.log_every = 100
+    cfg.checkpoint_every = 1000
+    cfg.keep_checkpoints = 3
+    cfg.eval_every = 1000
+    cfg.figures_every = 0
+    if smoke:
+        cfg.target.steps = 100
+        cfg.target.batch_size = 256
+        cfg.optim.steps = 10
+        cfg.optim.faithfulness_warmup_steps = 10
+        cfg.batch_size = 256
+        cfg.eval_batch_size = 256
+        cfg.log_every = 5
+        cfg.checkpoint_every = 5
+        cfg.eval_every = 5
+    return cfg

@@ -1,0 +1,168 @@
+"""Ground-truth analysis of a ResidMLP decomposition: metrics (flat summary dict) and figures (PNG).
+
+Expected solution (toy_models.md): every feature i has its own W_in subcomponent (CI ~1 on 0.75 e_i
+and ~0 elsewhere), spread over the layers in multi-layer models; the W_out subcomponents of each layer
+form one dense block of d_mlp subcomponents active on every feature; the neuron contributions of each
+feature's W_in subcomponent match the target's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+from experiments.resid_mlp.model import neuron_contributions
+from spdjax import metrics, plots
+from spdjax.decomposition import SPDParams
+from spdjax.targets.base import Target
+
+ONE_HOT_VALUE = 0.75
+ALIVE_THRESHOLD = 0.017
+CI_TOL = 0.1
+OWN_W_IN_CI = 0.9  # n_features_with_own_w_in: the feature's best W_in subcomponent has CI >= this
+W_IN_GROUP = "layers.*.mlp_in"  # key of the concatenated W_in sites in multi-layer models
+
+
+def w_in_ci(ci: dict[str, np.ndarray], w_in_sites: list[str]) -> tuple[str, np.ndarray]:
+    """`(key, (n_inputs, sum C))`: the CI of all W_in sites side by side (one site: its own name)."""
+    key = w_in_sites[0] if len(w_in_sites) == 1 else W_IN_GROUP
+    return key, np.concatenate([np.asarray(ci[n]) for n in w_in_sites], axis=1)
+
+
+def n_features_with_own_subcomponent(ci, threshold: float = OWN_W_IN_CI) -> int:
+    """Features i whose best subcomponent c_i = argmax_c ci[i, c] has CI >= threshold and is the best
+    subcomponent of no other feature. ci: `(n_features, C)` on one-hot inputs."""
+    ci = np.asarray(ci)
+    best = np.argmax(ci, axis=1)
+    counts = np.bincount(best, minlength=ci.shape[1])
+    own = (ci[np.arange(ci.shape[0]), best] >= threshold) & (counts[best] == 1)
+    return int(own.sum())
+
+
+def spd_neuron_contributions(W_E, V_in, U_in, W_out_kernel) -> np.ndarray:
+    """Per feature i, the neuron contributions `(n_features, d_mlp)` of the W_in subcomponent m with the
+    largest total contribution (in magnitude): `(W_U[i] W_out_spd)_n * (U_m V_m W_E[i]^T)_n` (toy_models.md).
+
+    Kernel layout: V_in `(d_embed, C)`, U_in `(C, d_mlp)`, W_out_kernel `(d_mlp, d_embed)`.
+    """
+    W_E = np.asarray(W_E, np.float64)
+    V_in, U_in = np.asarray(V_in, np.float64), np.asarray(U_in, np.float64)
+    out_side = W_E @ np.asarray(W_out_kernel, np.float64).T  # (n_f, d_mlp): W_U[i] W_out
+    h = W_E @ V_in  # (n_f, C): inner activation of subcomponent m on e_i
+    total = h * (out_side @ U_in.T)  # (n_f, C): sum_n of the contributions
+    best = np.argmax(np.abs(total), axis=1)
+    return out_side * h[np.arange(len(best)), best][:, None] * U_in[best]
+
+
+def _rel_err(target, spd) -> float:
+    """||spd - target|| / ||target|| (Frobenius; 0: on the diagonal of the scatter)."""
+    den = np.linalg.norm(target)
+    return float(np.linalg.norm(spd - target) / den) if den > 0 else float("nan")
+
+
+def make_analyze(
+    *,
+    n_features: int,
+    d_mlp: int,
+    weights: dict,
+    eval_batch_fn: Callable,
+    seed: int,
+    sigmoid: str,
+    ci_l0_threshold: float,
+    info: dict,
+) -> Callable[[SPDParams, Target, Path | None], dict]:
+    """`analyze(params, target, workdir) -> flat summary dict`, writing figures into `workdir` (None: none).
+
+    Keys: `ci_l0/<site>` (held-out batch), `n_alive/<site>` and `n_alive`; IdentityCIError on one-hot
+    inputs 0.75 e_i: `identity_ci_error/<W_in site>` (one layer) or `identity_ci_error/layers.*.mlp_in`
+    (all W_in sites' CI columns concatenated; identity pattern), `identity_ci_error/<W_out site>` (dense,
+    k = d_mlp), `identity_ci_error` (their sum, tol 0.1), `identity_ci_error_tol0.2`;
+    `n_features_with_own_w_in`; `neuron_contrib_rel_err/layers.<l>` (||SPD - target|| / ||target|| of
+    the neuron contributions);
+    `target_seed`, `target_final_loss`. `weights`: the target's `W_E`, `W_in`, `W_out` (stacked layout).
+    """
+    weights = {k: np.asarray(weights[k], np.float64) for k in ("W_E", "W_in", "W_out")}
+
+    def analyze(params: SPDParams, target: Target, workdir: Path | None) -> dict:
+        out: dict = {}
+        names = [s.name for s in target.sites]
+        w_in = [n for n in names if n.endswith(".mlp_in")]
+        w_out = [n for n in names if n.endswith(".mlp_out")]
+        for s in target.primary_sites:
+            out[f"n_alive/{s.name}"] = metrics.n_alive(params.components[s.name], ALIVE_THRESHOLD)
+        out["n_alive"] = sum(out[f"n_alive/{s.name}"] for s in target.primary_sites)
+
+        batch = eval_batch_fn(jax.random.fold_in(jax.random.PRNGKey(seed), 0x7E57))
+        for name, g in metrics.batch_ci(params, target, batch, sigmoid).items():
+            out[f"ci_l0/{name}"] = metrics.ci_l0(g, ci_l0_threshold)
+
+        ci = metrics.one_hot_ci(params, target, n_features, ONE_HOT_VALUE, sigmoid)
+        panels, patterns, scored = {}, {}, []  # scored: (key, ci, kind, k)
+        if w_in:
+            key, g = w_in_ci(ci, w_in)
+            panels[key], patterns[key] = g, "identity"
+            if g.shape[1] >= n_features:
+                scored.append((key, g, "identity", None))
+            out["n_features_with_own_w_in"] = n_features_with_own_subcomponent(g)
+        for name in w_out:
+            panels[name], patterns[name] = ci[name], "dense"
+            if ci[name].shape[1] >= d_mlp:
+                scored.append((name, ci[name], "dense", d_mlp))
+        for tol, suffix in ((CI_TOL, ""), (0.2, "_tol0.2")):
+            total = 0
+            for key, g, kind, k in scored:
+                e = metrics.identity_ci_error(g, kind, k, tol)
+                if not suffix:
+                    out[f"identity_ci_error/{key}"] = e
+                total += e
+            out[f"identity_ci_error{suffix}"] = total
+
+        contrib = _contributions(params, weights, w_in)
+        for layer, (t, s) in contrib.items():
+            out[f"neuron_contrib_rel_err/{layer}"] = _rel_err(t, s)
+        out["target_seed"] = int(info.get("seed_used", -1))
+        out["target_final_loss"] = float(info.get("final_loss", float("nan")))
+
+        if workdir is not None:
+            workdir = Path(workdir)
+            plots.plot_ci_heatmaps(
+                panels, workdir / "ci_one_hot.png", patterns, max_columns=2 * n_features,
+                title=f"CI on one-hot inputs x = {ONE_HOT_VALUE} e_i",
+            )
+            if contrib:
+                plots.plot_scatter_panels(
+                    {f"{k} (rel. error {out['neuron_contrib_rel_err/' + k]:.3f})": v
+                     for k, v in contrib.items()},
+                    workdir / "neuron_contributions.png", xlabel="target", ylabel="SPD subcomponent",
+                    title="neuron contributions per feature (each feature's best W_in subcomponent)",
+                )
+        return out
+
+    return analyze
+
+
+def _contributions(params, weights, w_in) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """`{layers.<l>: (target (n_f, d_mlp), SPD (n_f, d_mlp))}` for every layer whose W_in is a site.
+
+    The SPD side uses the layer's W_out subcomponents summed (the target's W_out if it is no site)."""
+    W_E = weights["W_E"]
+    out = {}
+    for name in w_in:
+        layer = name[: -len(".mlp_in")]
+        out_name = layer + ".mlp_out"
+        l = int(layer.rsplit(".", 1)[1])
+        K_in, K_out = weights["W_in"][l], weights["W_out"][l]
+        if out_name in params.components:
+            c = params.components[out_name]
+            spd_out = np.asarray(c.V, np.float64) @ np.asarray(c.U, np.float64)
+        else:
+            spd_out = K_out
+        c = params.components[name]
+        out[layer] = (
+            neuron_contributions(W_E, K_in, K_out),
+            spd_neuron_contributions(W_E, c.V, c.U, spd_out),
+        )
+    return out

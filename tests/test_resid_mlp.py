@@ -1,0 +1,311 @@
+"""The ResidMLP experiment family: model, target training, the cache, configs, build/analyze."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import experiments
+import spdjax
+from experiments import resid_mlp
+from experiments.resid_mlp import analysis, train_target
+from spdjax import metrics
+from spdjax.ci import CIParams
+from spdjax.components import Components
+from spdjax.config import parse
+from spdjax.decomposition import SPDParams
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(n_features=6, d_mlp=4, n_layers=2, d_embed=16, steps=60, batch_size=64, feature_prob=0.1)
+
+
+def load_config(arg=None):
+    spec = importlib.util.spec_from_file_location("cfg_resid_mlp", ROOT / "configs" / "resid_mlp.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+def tiny_weights(seed=0, n_f=6, d=16, m=4, L=2):
+    w = train_target.init_weights(
+        jax.random.PRNGKey(seed),
+        train_target.ResidMLPTargetConfig(n_features=n_f, d_mlp=m, n_layers=L, d_embed=d),
+    )
+    return {k: np.asarray(v) for k, v in w.items()}
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def test_model_shapes_and_sites():
+    w = tiny_weights()
+    model = resid_mlp.resid_mlp_from_weights(w["W_E"], w["W_in"], w["W_out"])
+    target = spdjax.from_nnx(model, sites=[("layers.*.mlp_in", 5), ("layers.*.mlp_out", 7)])
+    assert target.site_names == ("layers.0.mlp_in", "layers.0.mlp_out", "layers.1.mlp_in", "layers.1.mlp_out")
+    shapes = {s.name: (s.d_in, s.d_out, s.C, s.kind) for s in target.sites}
+    assert shapes["layers.1.mlp_in"] == (16, 4, 5, "linear")
+    assert shapes["layers.0.mlp_out"] == (4, 16, 7, "linear")
+    kernels = target.kernels()
+    np.testing.assert_array_equal(kernels["layers.1.mlp_in"], w["W_in"][1])
+    np.testing.assert_array_equal(kernels["layers.0.mlp_out"], w["W_out"][0])
+    x = train_target.sample_features(jax.random.PRNGKey(3), 9, 6, 0.3)
+    y = target(x)
+    assert y.shape == (9, 6)
+    expected = resid_mlp.resid_mlp_forward(w["W_E"], w["W_in"], w["W_out"], x)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+    # W_E is no decomposable layer: a pattern naming it matches nothing
+    with pytest.raises(ValueError, match="matches no decomposable layer"):
+        spdjax.from_nnx(model, sites=[("W_E", 3)])
+
+
+def test_embedding_unit_norm_and_deterministic():
+    E1 = np.asarray(resid_mlp.random_embedding(jax.random.PRNGKey(0), 100, 1000))
+    E2 = np.asarray(resid_mlp.random_embedding(jax.random.PRNGKey(0), 100, 1000))
+    E3 = np.asarray(resid_mlp.random_embedding(jax.random.PRNGKey(1), 100, 1000))
+    assert E1.shape == (100, 1000) and E1.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(E1, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(E1, E2)
+    assert not np.allclose(E1, E3)
+    assert np.abs(E1 @ E1.T - np.eye(100)).max() < 0.2  # nearly orthogonal in 1000 dims
+
+
+def test_sampler():
+    x = jax.jit(lambda k: train_target.sample_features(k, 4096, 100, 0.01))(jax.random.PRNGKey(0))
+    assert x.shape == (4096, 100) and x.dtype == jnp.float32
+    assert 0.008 < float(jnp.mean(x != 0)) < 0.012
+    assert float(x.min()) >= -1 and float(x.max()) <= 1 and float(x.min()) < -0.9
+
+
+# ----------------------------------------------------------------------------- target training
+
+
+def test_target_training_is_deterministic():
+    cfg = train_target.ResidMLPTargetConfig(**TINY)
+    w1, info1 = train_target.train_resid_mlp(cfg)
+    w2, _ = train_target.train_resid_mlp(cfg)
+    w3, _ = train_target.train_resid_mlp(train_target.ResidMLPTargetConfig(**{**TINY, "seed": 1}))
+    assert {k: v.shape for k, v in w1.items()} == {"W_E": (6, 16), "W_in": (2, 16, 4), "W_out": (2, 4, 16)}
+    for k in w1:
+        np.testing.assert_array_equal(w1[k], w2[k])
+    assert not np.allclose(w1["W_in"], w3["W_in"])
+    # W_E stays the fixed embedding derived from the seed
+    init = tiny_weights(0)
+    np.testing.assert_allclose(w1["W_E"], init["W_E"], rtol=1e-6, atol=1e-7)  # jit vs eager: ulps
+    assert not np.allclose(w1["W_in"], init["W_in"])
+    assert info1["final_loss"] < info1["initial_loss"]  # it learns
+    assert info1["seed_used"] == 0
+    # the reference's cosine: lr at step 0, 0 at the last step
+    lr = train_target.cosine_lr(3e-3, 100)
+    assert float(lr(0)) == pytest.approx(3e-3) and float(lr(99)) == pytest.approx(0.0, abs=1e-12)
+
+
+def _fake_trainer(calls):
+    def trainer(cfg):
+        calls.append(cfg.seed)
+        return tiny_weights(cfg.seed), {
+            "seed_used": cfg.seed, "final_loss": 0.1, "initial_loss": 1.0, "train_time_s": 0.0,
+            "platform": "cpu",
+        }
+
+    return trainer
+
+
+def test_cache_is_reused(tmp_path):
+    cfg = train_target.ResidMLPTargetConfig(**{**TINY, "seed": 2})
+    calls = []
+    w, info = train_target.load_or_train(cfg, tmp_path, _fake_trainer(calls))
+    assert calls == [2] and not info["cached"]
+
+    def boom(cfg):
+        raise AssertionError("retrained despite the cache")
+
+    w2, info2 = train_target.load_or_train(cfg, tmp_path, boom)
+    assert info2["cached"] and info2["seed_used"] == 2
+    for k in w:
+        np.testing.assert_array_equal(w[k], w2[k])
+    npz, sidecar = train_target.cache_paths(cfg, tmp_path)
+    assert npz.name.startswith("resid_mlp-6-4x2-")
+    assert json.loads(sidecar.read_text())["config"]["seed"] == 2
+    assert not list(tmp_path.glob("*.tmp"))
+    other = train_target.ResidMLPTargetConfig(**{**TINY, "seed": 2, "steps": 61})
+    assert train_target.cache_paths(other, tmp_path)[0] != npz
+    with pytest.raises(AssertionError, match="retrained"):
+        train_target.load_or_train(other, tmp_path, boom)
+
+
+def test_weights_path(tmp_path):
+    missing = train_target.ResidMLPTargetConfig(**{**TINY, "weights_path": str(tmp_path / "nope.npz")})
+    with pytest.raises(FileNotFoundError, match=r"config\.target\.weights_path.*nope\.npz"):
+        train_target.load_or_train(missing, tmp_path)
+    w = tiny_weights(5)
+    np.savez(tmp_path / "mine.npz", **w)
+    cfg = train_target.ResidMLPTargetConfig(**{**TINY, "weights_path": str(tmp_path / "mine.npz")})
+    w2, info = train_target.load_or_train(cfg, None)
+    np.testing.assert_array_equal(w2["W_in"], w["W_in"])
+    assert info["platform"] == "file"
+    bad = train_target.ResidMLPTargetConfig(
+        **{**TINY, "d_mlp": 3, "weights_path": str(tmp_path / "mine.npz")}
+    )
+    with pytest.raises(ValueError, match="weights_path.*shapes"):
+        train_target.load_or_train(bad, None)
+    with pytest.raises(ValueError, match="unknown field.*banana"):
+        train_target.ResidMLPTargetConfig.from_section({**TINY, "banana": 1})
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize(
+    "arg,L,nf,dmlp,C,hidden,lr,steps,tsteps",
+    [
+        (None, 1, 100, 50, 100, (16,), 2e-3, 20_000, 1_000),
+        ("1", 1, 100, 50, 100, (16,), 2e-3, 20_000, 1_000),
+        ("2", 2, 100, 25, 400, (16,), 1e-3, 50_000, 1_000),
+        ("3", 3, 102, 17, 500, (128,), 1e-3, 50_000, 10_000),
+    ],
+)
+def test_configs_parse(arg, L, nf, dmlp, C, hidden, lr, steps, tsteps):
+    run = parse(load_config(arg))
+    assert run.experiment == "resid_mlp"
+    t = run.target
+    assert (t.n_layers, t.n_features, t.d_mlp, t.d_embed, t.steps) == (L, nf, dmlp, 1000, tsteps)
+    assert (t.batch_size, t.lr, t.feature_prob, t.weight_decay) == (2048, 3e-3, 0.01, 0.01)
+    assert [(s.pattern, s.C) for s in run.sites] == [("layers.*.mlp_in", C), ("layers.*.mlp_out", C)]
+    assert run.tied == () and run.identity == ()
+    assert run.loss.coeff_dict == {
+        "stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0, "importance_minimality": 1e-5
+    }
+    assert run.loss.pnorm == 2.0 and run.loss.use_delta_component and run.loss.n_mask_samples == 1
+    assert (run.optim.steps, run.optim.lr, run.optim.schedule) == (steps, lr, "constant")
+    assert run.optim.faithfulness_warmup_steps == 200
+    assert (run.ci_type, run.ci_hidden, run.batch_size) == ("mlp", hidden, 2048)
+
+
+@pytest.mark.parametrize("arg,L", [("1,smoke", 1), ("smoke", 1), ("3,smoke", 3)])
+def test_smoke_configs_parse(arg, L):
+    run = parse(load_config(arg))
+    assert run.target.n_layers == L
+    assert run.optim.steps <= 10 and run.batch_size <= 256 and run.target.steps <= 100
+    with pytest.raises(ValueError, match="1, 2 or 3"):
+        load_config("4")
+
+
+# ----------------------------------------------------------------------------- build / analyze
+
+
+def test_build_smoke(tmp_path, monkeypatch):
+    run = parse(load_config("1,smoke"))
+    exp = experiments.build(run, tmp_path / "cache")
+    t = exp.target
+    assert t.site_names == ("layers.0.mlp_in", "layers.0.mlp_out")
+    assert not exp.info["cached"] and exp.info["seed_used"] == 0
+    npz = next((tmp_path / "cache").glob("resid_mlp-100-50x1-*.npz"))
+    with np.load(npz) as d:
+        w = {k: d[k] for k in d}
+    batch = jax.jit(exp.batch_fn)(jax.random.PRNGKey(1))
+    assert batch.shape == (256, 100) and batch.dtype == jnp.float32
+    np.testing.assert_allclose(
+        t(batch[:8]), resid_mlp.resid_mlp_forward(w["W_E"], w["W_in"], w["W_out"], batch[:8]),
+        rtol=1e-4, atol=1e-5,
+    )
+
+    def boom(*a, **k):
+        raise AssertionError("retrained despite the cache")
+
+    monkeypatch.setattr(train_target, "train_resid_mlp", boom)
+    assert experiments.build(run, tmp_path / "cache").info["cached"]
+
+    from spdjax.train import train
+
+    params = spdjax.init_decomposition(jax.random.PRNGKey(0), t, run.ci_type, run.ci_hidden)
+    optim = run.optim.__class__(**{**run.optim.__dict__, "steps": 2, "faithfulness_warmup_steps": 2})
+    state, _ = train(t, params, run.loss, optim, jax.random.PRNGKey(1), batch_fn=exp.batch_fn)
+    out = exp.analyze(state.params, t, tmp_path / "run")
+    json.dumps(out)
+    for k in [
+        "ci_l0/layers.0.mlp_in", "ci_l0/layers.0.mlp_out", "n_alive/layers.0.mlp_in",
+        "n_alive/layers.0.mlp_out", "n_alive", "identity_ci_error/layers.0.mlp_in",
+        "identity_ci_error/layers.0.mlp_out", "identity_ci_error", "identity_ci_error_tol0.2",
+        "n_features_with_own_w_in", "neuron_contrib_rel_err/layers.0", "target_seed", "target_final_loss",
+    ]:
+        assert k in out, k
+    assert all(not isinstance(v, (dict, list)) for v in out.values())
+    assert 0 <= out["n_features_with_own_w_in"] <= 100
+    assert out["identity_ci_error_tol0.2"] <= out["identity_ci_error"]
+    pngs = sorted(p.name for p in (tmp_path / "run").glob("*.png"))
+    assert pngs == ["ci_one_hot.png", "neuron_contributions.png"]
+
+
+def test_neuron_contributions_of_an_exact_decomposition():
+    """W_in split into one subcomponent per feature (orthonormal W_E): the SPD contributions equal the
+    target's, whichever extra (zero) subcomponents there are."""
+    rng = np.random.default_rng(1)
+    n_f, d, m = 5, 9, 3
+    W_E = np.linalg.qr(rng.normal(size=(d, n_f)))[0].T  # orthonormal rows
+    K_in, K_out = rng.normal(size=(d, m)), rng.normal(size=(m, d))
+    V = np.concatenate([W_E.T, np.zeros((d, 2))], axis=1)  # (d, n_f + 2)
+    U = np.concatenate([W_E @ K_in, rng.normal(size=(2, m))], axis=0)
+    t = resid_mlp.neuron_contributions(W_E, K_in, K_out)
+    s = analysis.spd_neuron_contributions(W_E, V, U, K_out)
+    assert t.shape == (n_f, m)
+    np.testing.assert_allclose(s, t, atol=1e-12)
+    np.testing.assert_allclose(t, (W_E @ K_in) * (K_out @ W_E.T).T)
+
+
+def _ci(C, w1, b1, b2):
+    """Per-subcomponent CI MLP with hidden width 1: z_c = gelu(w1 h_c + b1) + b2_c."""
+    f = lambda a: jnp.asarray(a, jnp.float32)
+    return CIParams(
+        (f(np.full((C, 1, 1), w1)), f(np.ones((C, 1, 1)))),
+        (f(np.full((C, 1), b1)), f(np.asarray(b2, np.float32).reshape(C, 1))),
+        "mlp",
+    )
+
+
+def test_identity_ci_error_perfect_two_layers():
+    """Hand-made perfect solution of a 2-layer ResidMLP: features 0, 1 own W_in subcomponents of layer 0,
+    features 2, 3 of layer 1; each W_out is a dense block of d_mlp = 2 subcomponents."""
+    n_f, d, m, C = 4, 8, 2, 4
+    W_E = np.eye(n_f, d, dtype=np.float32)  # orthonormal rows
+    W_in = np.random.default_rng(0).normal(size=(2, d, m)).astype(np.float32)
+    W_out = np.zeros((2, m, d), np.float32)  # the residual stream stays x W_E: clean one-hot h
+    target = spdjax.from_nnx(
+        resid_mlp.resid_mlp_from_weights(W_E, W_in, W_out),
+        sites=[("layers.*.mlp_in", C), ("layers.*.mlp_out", C)],
+    )
+    comps, ci = {}, {}
+    for l in range(2):
+        V = np.zeros((d, C), np.float32)
+        V[:, :2] = W_E[2 * l : 2 * l + 2].T  # h_c = x_{2l+c} on the one-hot inputs
+        comps[f"layers.{l}.mlp_in"] = Components(jnp.asarray(V), jnp.ones((C, m)))
+        comps[f"layers.{l}.mlp_out"] = Components(jnp.ones((m, C)), jnp.ones((C, d)))
+        ci[f"layers.{l}.mlp_in"] = _ci(C, 10.0, -5.0, np.zeros(C))  # 1 at h = 0.75, 0 at h = 0
+        ci[f"layers.{l}.mlp_out"] = _ci(C, 0.0, 0.0, [2.0, 2.0, -1.0, -1.0])  # always on / off
+    params = SPDParams(comps, ci)
+    one_hot = metrics.one_hot_ci(params, target, n_f)
+    key, g = analysis.w_in_ci(one_hot, ["layers.0.mlp_in", "layers.1.mlp_in"])
+    assert key == "layers.*.mlp_in" and g.shape == (4, 8)
+    assert metrics.identity_ci_error(g, "identity") == 0
+    # per layer the pattern is not an identity (each layer holds only half the features)
+    assert metrics.identity_ci_error(one_hot["layers.0.mlp_in"], "identity") > 0
+
+    analyze = analysis.make_analyze(
+        n_features=n_f, d_mlp=m, weights={"W_E": W_E, "W_in": W_in, "W_out": W_out},
+        eval_batch_fn=lambda k: train_target.sample_features(k, 64, n_f, 0.1), seed=0,
+        sigmoid="leaky_hard", ci_l0_threshold=0.1, info={"seed_used": 3, "final_loss": 0.5},
+    )
+    out = analyze(params, target, None)
+    assert out["identity_ci_error/layers.*.mlp_in"] == 0
+    assert out["identity_ci_error/layers.0.mlp_out"] == 0 and out["identity_ci_error/layers.1.mlp_out"] == 0
+    assert out["identity_ci_error"] == 0 and out["identity_ci_error_tol0.2"] == 0
+    assert out["n_features_with_own_w_in"] == 4
+    assert out["ci_l0/layers.0.mlp_out"] == pytest.approx(2.0)
+    assert out["target_seed"] == 3
+    # a feature whose best W_in subcomponent is shared with another feature no longer counts
+    g2 = g.copy()
+    g2[1, 1], g2[1, 0] = 0.0, 1.0
+    assert analysis.n_features_with_own_subcomponent(g2) == 2
