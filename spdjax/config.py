@@ -88,11 +88,15 @@ def _type_ok(value, hint) -> bool:
     return True
 
 
-def _dataclass_from(cls, values: dict, section: str):
+def dataclass_from(cls, values: dict, section: str, required: tuple[str, ...] = ()):
+    """`cls(**values)` with errors naming `config.<section>`: unknown, missing or mistyped fields."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"config.{section}: unknown field(s) {unknown}; allowed: {sorted(fields)}")
+    missing = sorted(set(required) - set(values))
+    if missing:
+        raise ValueError(f"config.{section}: missing field(s) {missing}")
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
         if not _type_ok(value, hints[name]):
@@ -125,7 +129,7 @@ def loss_config_from(section) -> LossConfig:
                 raise ValueError(f"config.loss.coeffs.{k} must be a number, got {v!r}")
         values["coeffs"] = tuple((k, float(v)) for k, v in coeffs.items())
     try:
-        return _dataclass_from(LossConfig, values, "loss")
+        return dataclass_from(LossConfig, values, "loss")
     except TypeError as e:
         raise ValueError(f"config.loss: {e}") from None
 
@@ -155,7 +159,7 @@ def parse(cfg: ml_collections.ConfigDict) -> RunConfig:
         raise ValueError(f"config.sites/identity: {e}") from None
     optim_values = _to_dict(cfg.get("optim"), "optim")
     try:
-        optim = _dataclass_from(OptimConfig, optim_values, "optim")
+        optim = dataclass_from(OptimConfig, optim_values, "optim")
     except TypeError as e:
         raise ValueError(f"config.optim: {e}") from None
     return RunConfig(
@@ -177,3 +181,82 @@ def parse(cfg: ml_collections.ConfigDict) -> RunConfig:
         eval_every=_positive_int(cfg.get("eval_every", 1000), "eval_every"),
         figures_every=_nonneg_int(cfg.get("figures_every", 0), "figures_every"),
     )
+
+
+def run_config(
+    *,
+    experiment: str,
+    target: dict,
+    sites: tuple,
+    ci_hidden: tuple[int, ...],
+    minimality: float,
+    pnorm: float,
+    steps: int,
+    lr: float,
+    schedule: str,
+    batch_size: int,
+    tied: tuple = (),
+    identity: tuple = (),
+) -> ml_collections.ConfigDict:
+    """A run config in the layout above, reference-main recipe (stochastic + layerwise recon, delta
+    component, 200-step faithfulness warm-up), with every field present so `--config.*` can override it."""
+    from ml_collections.config_dict import placeholder
+
+    cfg = ml_collections.ConfigDict()
+    cfg.experiment = experiment
+    cfg.seed = 0
+    cfg.target = ml_collections.ConfigDict(target)
+    cfg.sites = sites
+    cfg.tied = tied
+    cfg.identity = identity
+    cfg.ci = ml_collections.ConfigDict(dict(type="mlp", hidden=ci_hidden))
+    cfg.loss = ml_collections.ConfigDict(
+        dict(
+            coeffs=dict(
+                stochastic_recon=1.0, stochastic_recon_layerwise=1.0, importance_minimality=minimality
+            ),
+            pnorm=pnorm,
+            n_mask_samples=1,
+            mask_type="continuous",
+            use_delta_component=True,
+            output_loss="mse",
+            sigmoid="leaky_hard",
+            p_anneal_start_frac=1.0,
+            p_anneal_final_p=placeholder(float),
+            p_anneal_end_frac=1.0,
+            minimality_beta=0.0,
+            ci_l0_threshold=0.1,
+            layerwise_unroll=placeholder(int),
+        )
+    )
+    cfg.optim = ml_collections.ConfigDict(
+        dict(
+            steps=steps,
+            lr=lr,
+            schedule=schedule,
+            warmup_frac=0.0,
+            final_lr_frac=0.0,
+            faithfulness_warmup_steps=200,
+            faithfulness_warmup_lr=0.01,
+            faithfulness_warmup_weight_decay=0.1,
+            clip_components=placeholder(float),
+            clip_ci=placeholder(float),
+        )
+    )
+    cfg.batch_size = batch_size
+    cfg.eval_batch_size = batch_size
+    cfg.log_every = 100
+    cfg.checkpoint_every = 1000
+    cfg.keep_checkpoints = 3
+    cfg.eval_every = 1000
+    cfg.figures_every = 0
+    return cfg
+
+
+def shrink_for_smoke(cfg: ml_collections.ConfigDict, steps: int, every: int) -> ml_collections.ConfigDict:
+    """The `:smoke` variant: a few SPD steps on batches of 256, logging/checkpointing every `every`."""
+    cfg.optim.steps = steps
+    cfg.optim.faithfulness_warmup_steps = 10
+    cfg.batch_size = cfg.eval_batch_size = 256
+    cfg.log_every = cfg.checkpoint_every = cfg.eval_every = every
+    return cfg

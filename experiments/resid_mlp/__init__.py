@@ -11,10 +11,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import ml_collections
-from ml_collections.config_dict import placeholder
 
 import spdjax
+from spdjax.config import run_config as spd_run_config
+from spdjax.config import shrink_for_smoke
 from experiments import Experiment
 from experiments.resid_mlp.analysis import make_analyze
 from experiments.resid_mlp.model import (
@@ -103,11 +103,9 @@ def resid_mlp_config(n_layers: int = 1, smoke: bool = False) -> ml_collections.C
         raise ValueError(f"resid_mlp: n_layers must be one of {sorted(SIZES)}, got {n_layers!r}")
     n_f, d_mlp = SIZES[n_layers]
     r = RECIPES[n_layers]
-    cfg = ml_collections.ConfigDict()
-    cfg.experiment = "resid_mlp"
-    cfg.seed = 0
-    cfg.target = ml_collections.ConfigDict(
-        dict(
+    cfg = spd_run_config(
+        experiment="resid_mlp",
+        target=dict(
             n_features=n_f,
             d_mlp=d_mlp,
             n_layers=n_layers,
@@ -119,62 +117,18 @@ def resid_mlp_config(n_layers: int = 1, smoke: bool = False) -> ml_collections.C
             feature_prob=0.01,
             seed=0,
             weights_path="",
-        )
+        ),
+        sites=(("layers.*.mlp_in", r["C"]), ("layers.*.mlp_out", r["C"])),
+        ci_hidden=r["hidden"],
+        minimality=r["minimality"],
+        pnorm=2.0,
+        steps=r["steps"],
+        lr=r["lr"],
+        schedule="constant",
+        batch_size=2048,
     )
-    cfg.sites = (("layers.*.mlp_in", r["C"]), ("layers.*.mlp_out", r["C"]))
-    cfg.tied = ()
-    cfg.identity = ()
-    cfg.ci = ml_collections.ConfigDict(dict(type="mlp", hidden=r["hidden"]))
-    cfg.loss = ml_collections.ConfigDict(
-        dict(
-            coeffs=dict(
-                stochastic_recon=1.0,
-                stochastic_recon_layerwise=1.0,
-                importance_minimality=r["minimality"],
-            ),
-            pnorm=2.0,
-            n_mask_samples=1,
-            mask_type="continuous",
-            use_delta_component=True,
-            output_loss="mse",
-            sigmoid="leaky_hard",
-            p_anneal_start_frac=1.0,
-            p_anneal_final_p=placeholder(float),
-            p_anneal_end_frac=1.0,
-            minimality_beta=0.0,
-            ci_l0_threshold=0.1,
-            layerwise_unroll=placeholder(int),
-        )
-    )
-    cfg.optim = ml_collections.ConfigDict(
-        dict(
-            steps=r["steps"],
-            lr=r["lr"],
-            schedule="constant",
-            warmup_frac=0.0,
-            final_lr_frac=0.0,
-            faithfulness_warmup_steps=200,
-            faithfulness_warmup_lr=0.01,
-            faithfulness_warmup_weight_decay=0.1,
-            clip_components=placeholder(float),
-            clip_ci=placeholder(float),
-        )
-    )
-    cfg.batch_size = 2048
-    cfg.eval_batch_size = 2048
-    cfg.log_every = 100
-    cfg.checkpoint_every = 1000
-    cfg.keep_checkpoints = 3
-    cfg.eval_every = 1000
-    cfg.figures_every = 0
     if smoke:
         cfg.target.steps = 100
         cfg.target.batch_size = 256
-        cfg.optim.steps = 10
-        cfg.optim.faithfulness_warmup_steps = 10
-        cfg.batch_size = 256
-        cfg.eval_batch_size = 256
-        cfg.log_every = 5
-        cfg.checkpoint_every = 5
-        cfg.eval_every = 5
+        shrink_for_smoke(cfg, steps=10, every=5)
     return cfg

@@ -28,6 +28,7 @@ from jaxtyping import Array, Float
 
 from experiments.resid_mlp.model import random_embedding, resid_mlp_forward
 from experiments.cache import atomic_write
+from spdjax.config import dataclass_from
 
 CACHE_FORMAT = 1  # bump when the trainer changes in a way that changes its results
 WEIGHT_NAMES = ("W_E", "W_in", "W_out")
@@ -67,14 +68,7 @@ class ResidMLPTargetConfig:
         if section is None:
             raise ValueError("config.target is required for the resid_mlp experiment")
         values = section.to_dict() if hasattr(section, "to_dict") else dict(section)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"config.target: unknown field(s) {unknown}; allowed: {sorted(fields)}")
-        missing = sorted({"n_features", "d_mlp", "n_layers"} - set(values))
-        if missing:
-            raise ValueError(f"config.target: missing field(s) {missing}")
-        return cls(**values)
+        return dataclass_from(cls, values, "target", required=("n_features", "d_mlp", "n_layers"))
 
     def cache_key(self) -> str:
         blob = json.dumps({"format": CACHE_FORMAT, **dataclasses.asdict(self)}, sort_keys=True)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import ml_collections
-from ml_collections.config_dict import placeholder
 
 import spdjax
+from spdjax.config import run_config as spd_run_config
+from spdjax.config import shrink_for_smoke
 from experiments import Experiment
 from experiments.tms.analysis import make_analyze
 from experiments.tms.model import TMS, represented_features, tms_forward, tms_from_weights
@@ -90,11 +90,9 @@ def tms_config(n_features: int, n_hidden: int, identity: bool = False, smoke: bo
     """
     small = n_features <= 5
     C = 20 if small else 200
-    cfg = ml_collections.ConfigDict()
-    cfg.experiment = "tms"
-    cfg.seed = 0
-    cfg.target = ml_collections.ConfigDict(
-        dict(
+    cfg = spd_run_config(
+        experiment="tms",
+        target=dict(
             n_features=n_features,
             n_hidden=n_hidden,
             steps=10_000,
@@ -112,63 +110,21 @@ def tms_config(n_features: int, n_hidden: int, identity: bool = False, smoke: bo
             # reject every seed; 0.2 still flags dropped features (output ~0).
             probe_tol=0.1 if small else 0.2,
             weights_path="",
-        )
+        ),
+        sites=(("linear1", C), ("linear2", C)),
+        tied=(("linear2", "linear1"),),
+        identity=(("linear2", C),) if identity else (),
+        ci_hidden=(16,),
+        minimality=3e-3 if small else 1e-4,
+        pnorm=1.0 if small else 2.0,
+        steps=10_000,
+        lr=1e-3,
+        schedule="cosine",
+        batch_size=4096,
     )
-    cfg.sites = (("linear1", C), ("linear2", C))
-    cfg.tied = (("linear2", "linear1"),)
-    cfg.identity = (("linear2", C),) if identity else ()
-    cfg.ci = ml_collections.ConfigDict(dict(type="mlp", hidden=(16,)))
-    cfg.loss = ml_collections.ConfigDict(
-        dict(
-            coeffs=dict(
-                stochastic_recon=1.0,
-                stochastic_recon_layerwise=1.0,
-                importance_minimality=3e-3 if small else 1e-4,
-            ),
-            pnorm=1.0 if small else 2.0,
-            n_mask_samples=1,
-            mask_type="continuous",
-            use_delta_component=True,
-            output_loss="mse",
-            sigmoid="leaky_hard",
-            p_anneal_start_frac=1.0,
-            p_anneal_final_p=placeholder(float),
-            p_anneal_end_frac=1.0,
-            minimality_beta=0.0,
-            ci_l0_threshold=0.1,
-            layerwise_unroll=placeholder(int),
-        )
-    )
-    cfg.optim = ml_collections.ConfigDict(
-        dict(
-            steps=10_000,
-            lr=1e-3,
-            schedule="cosine",
-            warmup_frac=0.0,
-            final_lr_frac=0.0,
-            faithfulness_warmup_steps=200,
-            faithfulness_warmup_lr=0.01,
-            faithfulness_warmup_weight_decay=0.1,
-            clip_components=placeholder(float),
-            clip_ci=placeholder(float),
-        )
-    )
-    cfg.batch_size = 4096
-    cfg.eval_batch_size = 4096
-    cfg.log_every = 100
-    cfg.checkpoint_every = 1000
-    cfg.keep_checkpoints = 3
-    cfg.eval_every = 1000
-    cfg.figures_every = 0
     if smoke:
         cfg.target.steps = 300
         cfg.target.batch_size = 256
         cfg.target.require_all_features = False
-        cfg.optim.steps = 30
-        cfg.optim.faithfulness_warmup_steps = 10
-        cfg.batch_size = 256
-        cfg.eval_batch_size = 256
-        cfg.log_every = 10
-        cfg.checkpoint_every = 10
-        cfg.eval_every = 10
+        shrink_for_smoke(cfg, steps=30, every=10)
     return cfg

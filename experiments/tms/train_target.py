@@ -29,6 +29,7 @@ from jaxtyping import Array, Float
 
 from experiments.tms.model import represented_features, tms_forward
 from experiments.cache import atomic_write
+from spdjax.config import dataclass_from
 
 CACHE_FORMAT = 1  # bump when the trainer changes in a way that changes its results
 
@@ -68,14 +69,7 @@ class TMSTargetConfig:
         if section is None:
             raise ValueError("config.target is required for the tms experiment")
         values = section.to_dict() if hasattr(section, "to_dict") else dict(section)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"config.target: unknown field(s) {unknown}; allowed: {sorted(fields)}")
-        missing = sorted({"n_features", "n_hidden"} - set(values))
-        if missing:
-            raise ValueError(f"config.target: missing field(s) {missing}")
-        return cls(**values)
+        return dataclass_from(cls, values, "target", required=("n_features", "n_hidden"))
 
     def cache_key(self) -> str:
         blob = json.dumps({"format": CACHE_FORMAT, **dataclasses.asdict(self)}, sort_keys=True)
