@@ -52,6 +52,12 @@ class LossConfig:
     minimality_eps: float = 1e-12
     ci_l0_threshold: float = 0.1
     layerwise_unroll: int | None = None  # lax.scan unroll of the per-site sweep; None: all sites
+    subset_routing: str = "uniform_k"  # *_subset terms: "uniform_k" or "static_p"
+    subset_p: float = 0.5  # static_p routing: probability that a site is masked at a position
+    pgd_init: str = "random"  # pgd_* terms: initial adversarial sources (random / ones / zeros)
+    pgd_n_steps: int = 1
+    pgd_step_size: float = 1.0
+    pgd_mask_scope: str = "per_example"  # or "shared_across_batch"
 
     def __post_init__(self):
         for name, c in self.coeffs:
@@ -73,6 +79,23 @@ class LossConfig:
         u = self.layerwise_unroll
         if u is not None and (isinstance(u, bool) or not isinstance(u, int) or u < 1):
             raise ValueError(f"loss.layerwise_unroll must be None or an int >= 1, got {u!r}")
+        if self.subset_routing not in masks_lib.ROUTINGS:
+            raise ValueError(
+                f"loss.subset_routing: unknown {self.subset_routing!r}; allowed: {list(masks_lib.ROUTINGS)}"
+            )
+        if not 0.0 < self.subset_p <= 1.0:
+            raise ValueError(f"loss.subset_p must be in (0, 1], got {self.subset_p!r}")
+        if self.pgd_init not in masks_lib.PGD_INITS:
+            raise ValueError(f"loss.pgd_init: unknown {self.pgd_init!r}; allowed: {list(masks_lib.PGD_INITS)}")
+        if self.pgd_mask_scope not in masks_lib.PGD_SCOPES:
+            raise ValueError(
+                f"loss.pgd_mask_scope: unknown {self.pgd_mask_scope!r}; allowed: {list(masks_lib.PGD_SCOPES)}"
+            )
+        n = self.pgd_n_steps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"loss.pgd_n_steps must be an int >= 0, got {n!r}")
+        if not self.pgd_step_size > 0:
+            raise ValueError(f"loss.pgd_step_size must be > 0, got {self.pgd_step_size!r}")
         if not 0.0 <= self.p_anneal_start_frac <= self.p_anneal_end_frac:
             raise ValueError(
                 "loss.p_anneal_start_frac must satisfy 0 <= p_anneal_start_frac <= p_anneal_end_frac, "
@@ -310,15 +333,133 @@ def _unmasked_recon(ctx: LossContext):
     return divergence(ctx.config.output_loss, pred, ctx.out)
 
 
-# name -> term(ctx) -> scalar. New terms (subset routing, PGD, ...) register here.
+def _routes(ctx: LossContext, salt: int, n_samples: int | None = None) -> dict[str, Array]:
+    """Subset routes `{site: bool (*lead)}` (with a leading S axis when `n_samples` is given)."""
+    c = ctx.config
+    names = tuple(ctx.ci.lower)
+    lead = next(iter(ctx.ci.lower.values())).shape[:-1]
+    key = jax.random.fold_in(ctx.key, salt)
+    if n_samples is None:
+        return masks_lib.sample_routes(key, lead, names, c.subset_routing, c.subset_p)
+    keys = jax.random.split(key, n_samples)
+    return jax.vmap(lambda k: masks_lib.sample_routes(k, lead, names, c.subset_routing, c.subset_p))(keys)
+
+
+def stochastic_recon_subset_loss(
+    params, target, batch, out, site_masks: dict[str, SiteMask], routes: dict[str, Array],
+    output_loss="mse",
+) -> Float[Array, ""]:
+    """(1/S) sum_s D(f(x | routed sites masked with m^(s), the rest clean), f(x)); routes `(S, *lead)`."""
+
+    def one(sm, rt):
+        pred = masked_forward(params, target, batch, masks_lib.route_masks(sm, rt))
+        return divergence(output_loss, pred, out)
+
+    return jnp.mean(jax.vmap(one)(site_masks, routes))
+
+
+def pgd_recon_loss(
+    params, target, batch, out, ci_lower: dict[str, Array], key: Array, config: LossConfig,
+    routes: dict[str, Array] | None = None, only_site: str | None = None,
+) -> Float[Array, ""]:
+    """D(f(x | masks m = g + (1 - g) a*), f(x)) with a* the PGD adversary (see `masks.pgd_sources`).
+
+    `routes` restricts masking to routed sites per position (subset variant); `only_site` masks one
+    site and leaves the others clean (one term of the layerwise variant).
+    """
+    ci = ci_lower if only_site is None else {only_site: ci_lower[only_site]}
+
+    def loss(p, masks):
+        if routes is not None:
+            masks = masks_lib.route_masks(masks, routes)
+        return divergence(config.output_loss, masked_forward(p, target, batch, masks), out)
+
+    src = masks_lib.pgd_sources(
+        lambda m: loss(jax.lax.stop_gradient(params), m), ci, key, config.pgd_n_steps,
+        config.pgd_step_size, config.pgd_init, config.pgd_mask_scope, config.use_delta_component,
+    )
+    return loss(params, masks_lib.masks_from_sources(ci, src))
+
+
+def hidden_acts_recon_loss(
+    params, target, batch, inputs: dict[str, Array], site_masks: dict[str, SiteMask]
+) -> Float[Array, ""]:
+    """sum_l ||a'_l - a_l||^2 / sum_l numel(a_l): every (floating) site input under the masks vs clean."""
+    seen: dict[str, Array] = {}
+
+    def handler(spec, a, kernel, bias, layer_call):
+        seen[spec.name] = a
+        m = site_masks[spec.name]
+        return masked_site_output(
+            spec, a, site_components(params.components, spec), m.mask, m.delta, kernel, bias
+        )
+
+    target.run(batch, handler)
+    num, den = 0.0, 0
+    for name, a in inputs.items():
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            num = num + jnp.sum((seen[name] - a) ** 2)
+            den += a.size
+    return num / max(den, 1)
+
+
+def _stochastic_recon_subset(ctx: LossContext):
+    return stochastic_recon_subset_loss(
+        ctx.params, ctx.target, ctx.batch, ctx.out, _stochastic(ctx, 3),
+        _routes(ctx, 4, ctx.config.n_mask_samples), ctx.config.output_loss,
+    )
+
+
+def _ci_masked_recon_subset(ctx: LossContext):
+    masks = masks_lib.route_masks(masks_lib.deterministic_masks(ctx.ci.lower), _routes(ctx, 5))
+    return divergence(ctx.config.output_loss, masked_forward(ctx.params, ctx.target, ctx.batch, masks), ctx.out)
+
+
+def _pgd_recon(ctx: LossContext):
+    return pgd_recon_loss(
+        ctx.params, ctx.target, ctx.batch, ctx.out, ctx.ci.lower, jax.random.fold_in(ctx.key, 6), ctx.config
+    )
+
+
+def _pgd_recon_subset(ctx: LossContext):
+    return pgd_recon_loss(
+        ctx.params, ctx.target, ctx.batch, ctx.out, ctx.ci.lower, jax.random.fold_in(ctx.key, 7),
+        ctx.config, routes=_routes(ctx, 8),
+    )
+
+
+def _pgd_recon_layerwise(ctx: LossContext):
+    key = jax.random.fold_in(ctx.key, 9)
+    terms = [
+        pgd_recon_loss(
+            ctx.params, ctx.target, ctx.batch, ctx.out, ctx.ci.lower, jax.random.fold_in(key, i),
+            ctx.config, only_site=name,
+        )
+        for i, name in enumerate(ctx.ci.lower)
+    ]
+    return sum(terms) / len(terms)
+
+
+def _stochastic_hidden_acts_recon(ctx: LossContext):
+    masks = masks_lib.take_sample(_stochastic(ctx, 10), 0)
+    return hidden_acts_recon_loss(ctx.params, ctx.target, ctx.batch, ctx.inputs, masks)
+
+
+# name -> term(ctx) -> scalar. New terms register here.
 TERMS: dict[str, Callable[[LossContext], Array]] = {
     "faithfulness": _faithfulness,
     "stochastic_recon": _stochastic_recon,
     "stochastic_recon_layerwise": _stochastic_recon_layerwise,
+    "stochastic_recon_subset": _stochastic_recon_subset,
     "importance_minimality": _importance_minimality,
     "ci_masked_recon": _ci_masked_recon,
     "ci_masked_recon_layerwise": _ci_masked_recon_layerwise,
+    "ci_masked_recon_subset": _ci_masked_recon_subset,
     "unmasked_recon": _unmasked_recon,
+    "pgd_recon": _pgd_recon,
+    "pgd_recon_layerwise": _pgd_recon_layerwise,
+    "pgd_recon_subset": _pgd_recon_subset,
+    "stochastic_hidden_acts_recon": _stochastic_hidden_acts_recon,
 }
 
 

@@ -314,3 +314,113 @@ def stochastic_recon_layerwise(x, layers, comps, masks, kind="mse", act=np.tanh)
             sm = {l: (f64(m)[s], None if md is None else f64(md)[s], comps[l][0], comps[l][1])}
             total += divergence(kind, mlp_forward(x, layers, act, sm), out)
     return total / (S * L)
+
+
+# ----------------------------------------------------------------------------- subset, PGD, hidden acts
+
+
+def _forward_positions(x, layers, site_state, act=np.tanh):
+    """Forward one position at a time; `site_state(i, pos) -> (m, md, V, U) or None` (None: clean)."""
+    x = f64(x)
+    lead = x.shape[:-1]
+    out = None
+    for pos in np.ndindex(lead):
+        h = x[pos]
+        for i, (K, b) in enumerate(layers):
+            st = site_state(i, pos)
+            if st is None:
+                h = h @ f64(K) + f64(b)
+            else:
+                m, md, V, U = st
+                W = materialised_kernel(V, U, m, md, K)  # (d_in, d_out) for this one position
+                h = h @ W + f64(b)
+            if i < len(layers) - 1:
+                h = act(h)
+        if out is None:
+            out = np.zeros(lead + h.shape)
+        out[pos] = h
+    return out
+
+
+def subset_recon(x, layers, comps, masks, routes, kind="mse", act=np.tanh):
+    """(1/S) sum_s D(f(x | at each position only the routed sites masked), f(x)).
+
+    masks: [(m (S, *lead, C), m_delta (S, *lead) or None)] per layer; routes: [bool (S, *lead)].
+    """
+    out = mlp_forward(x, layers, act)
+    S = f64(masks[0][0]).shape[0]
+    total = 0.0
+    for s in range(S):
+        def state(i, pos, s=s):
+            if not routes[i][s][pos]:
+                return None
+            m, md = masks[i]
+            return f64(m)[s][pos], None if md is None else f64(md)[s][pos], comps[i][0], comps[i][1]
+
+        total += divergence(kind, _forward_positions(x, layers, state, act), out)
+    return total / S
+
+
+def pgd_recon(x, layers, comps, ci, init, n_steps, step_size, shared, only=None, routes=None,
+              kind="mse", act=np.tanh, fd_eps=1e-6):
+    """PGD adversarial recon: a <- clip(a + step sign(dD/da), 0, 1), gradients by central differences.
+
+    ci: [g (*lead, C)] per layer; init: {layer: (a, a_delta or None)}, shapes (*lead, C)/(*lead) per
+    example or (C,)/() shared; only: a layer index (only that layer masked); routes: [bool (*lead)].
+    Returns (loss at the final sources, final sources {layer: (a, a_delta)}).
+    """
+    out = mlp_forward(x, layers, act)
+    used = sorted(init) if only is None else [only]
+    parts = [(i, j) for i in used for j in range(2) if init[i][j] is not None]
+    shapes = {ij: np.shape(init[ij[0]][ij[1]]) for ij in parts}
+
+    def unflat(theta):
+        src, k = {i: [None, None] for i in used}, 0
+        for ij in parts:
+            n = int(np.prod(shapes[ij]))
+            src[ij[0]][ij[1]] = theta[k:k + n].reshape(shapes[ij])
+            k += n
+        return src
+
+    def loss(theta):
+        src = unflat(theta)
+
+        def state(i, pos):
+            if i not in src or (routes is not None and not routes[i][pos]):
+                return None
+            a, ad = src[i]
+            g = f64(ci[i])[pos]
+            m = g + (1 - g) * (a if shared else a[pos])
+            md = None if ad is None else (ad if shared else ad[pos])
+            if routes is not None and md is None:
+                md = 0.0
+            return m, md, comps[i][0], comps[i][1]
+
+        return divergence(kind, _forward_positions(x, layers, state, act), out)
+
+    theta = np.concatenate([f64(init[i][j]).ravel() for i, j in parts])
+    for _ in range(n_steps):
+        grad = np.zeros_like(theta)
+        for k in range(theta.size):
+            e = np.zeros_like(theta)
+            e[k] = fd_eps
+            grad[k] = (loss(theta + e) - loss(theta - e)) / (2 * fd_eps)
+        theta = np.clip(theta + step_size * np.sign(grad), 0.0, 1.0)
+    return loss(theta), unflat(theta)
+
+
+def hidden_acts_recon(x, layers, comps, masks, act=np.tanh):
+    """sum_l ||a'_l - a_l||^2 / sum_l numel(a_l), a'_l the inputs of the all-sites-masked forward.
+
+    masks: [(m (*lead, C), m_delta (*lead) or None)] per layer.
+    """
+    clean = site_inputs(x, layers, act)
+    h, num, den = f64(x), 0.0, 0
+    for i, (K, b) in enumerate(layers):
+        num += np.sum((h - clean[i]) ** 2)
+        den += clean[i].size
+        m, md = masks[i]
+        h = masked_site_output(h, comps[i][0], comps[i][1], f64(m), None if md is None else f64(md), K, b)
+        if i < len(layers) - 1:
+            h = act(h)
+    return num / den
