@@ -10,7 +10,8 @@ Layout of a run config (see configs/*.py):
     identity: ((pattern, C), ...)   # identity inserted before the matched layers
     ci: {type, hidden}
     loss: {coeffs: {term: coeff}, n_mask_samples, mask_type, use_delta_component, sigmoid,
-           output_loss, pnorm, p_anneal_*, minimality_beta, ci_l0_threshold}
+           output_loss, pnorm, p_anneal_*, minimality_beta, ci_l0_threshold, layerwise_unroll,
+           subset_routing, subset_p, pgd_init, pgd_n_steps, pgd_step_size, pgd_mask_scope}
     optim: {steps, lr, schedule, warmup_frac, final_lr_frac, clip_components, clip_ci,
             faithfulness_warmup_steps, faithfulness_warmup_lr, faithfulness_warmup_weight_decay}
     batch_size: int, eval_batch_size: int, log_every: int
@@ -227,6 +228,12 @@ def run_config(
             minimality_beta=0.0,
             ci_l0_threshold=0.1,
             layerwise_unroll=placeholder(int),
+            subset_routing="uniform_k",
+            subset_p=0.5,
+            pgd_init="random",
+            pgd_n_steps=1,
+            pgd_step_size=1.0,
+            pgd_mask_scope="per_example",
         )
     )
     cfg.optim = ml_collections.ConfigDict(

@@ -43,3 +43,32 @@ def test_second_launch_reuses_cached_target(tmp_path):
     assert first["target/cached"] is False and second["target/cached"] is True
     assert first["target/seed_used"] == second["target/seed_used"]
     assert second["steps"] == 5
+
+
+RESID_CONFIGS = [("resid_mlp", "1,smoke", 1), ("resid_mlp", "2,smoke", 2), ("resid_mlp", "3,smoke", 3),
+                 ("resid_mlp2_reference", "smoke", 2)]
+
+
+@pytest.mark.parametrize("config,arg,n_layers", RESID_CONFIGS, ids=[f"{c}:{a}" for c, a, _ in RESID_CONFIGS])
+def test_smoke_launch_resid_mlp(tmp_path, config, arg, n_layers):
+    import os
+
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), f"--config={ROOT / 'configs' / config}.py:{arg}",
+         f"--workdir={run}", f"--cache_dir={tmp_path / 'cache'}", "--quiet"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env={**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((run / "summary.json").read_text())
+    for key in ("identity_ci_error", "identity_ci_error_tol0.2", "n_features_with_own_w_in", "wall_time_s"):
+        assert key in s, key
+    for layer in range(n_layers):
+        assert f"ci_l0/layers.{layer}.mlp_in" in s and f"ci_l0/layers.{layer}.mlp_out" in s
+    metrics = json.loads((run / "metrics.jsonl").read_text().strip().splitlines()[-1])
+    if config == "resid_mlp2_reference":
+        assert {"loss/stochastic_recon_subset", "loss/pgd_recon_subset"} <= set(metrics)
+        assert "loss/stochastic_recon_layerwise" not in metrics
+    assert "eval/loss/pgd_recon_layerwise" in (run / "eval.jsonl").read_text()
+    assert list(run.glob("*.png"))

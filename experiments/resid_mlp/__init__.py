@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import ml_collections
+
 
 import spdjax
 from spdjax.config import run_config as spd_run_config
@@ -92,15 +94,24 @@ def build(run, cache_dir: Path | None) -> Experiment:
     return Experiment(target=target, batch_fn=batch_fn, analyze=analyze, info=flat)
 
 
-def resid_mlp_config(n_layers: int = 1, smoke: bool = False) -> ml_collections.ConfigDict:
+def resid_mlp_config(
+    n_layers: int = 1, smoke: bool = False, recipe: str = "paper"
+) -> ml_collections.ConfigDict:
     """Run config (layout: spdjax/config.py) with the SPD recipe of toy_models.md for resid_mlp<n_layers>.
 
     Adam with constant lr, batch 2048, S=1, stochastic recon 1 + layerwise 1, minimality p=2, delta
     component + 200-step faithfulness warm-up; sites every layer's mlp_in and mlp_out with C each.
     `smoke` shrinks the training to run in seconds on a CPU (no success expected).
+
+    `recipe="reference"` (2 layers only) is the PyTorch reference's current recipe instead: CI
+    `shared_mlp` with 256 hidden, minimality 1e-4, lr 3e-4, 25k steps, losses stochastic-recon-subset 2
+    + PGD-recon-subset 2 (uniform-k routing; 1 PGD step of size 1 from random sources shared across the
+    batch) + minimality; everything else as the paper recipe.
     """
     if n_layers not in SIZES:
         raise ValueError(f"resid_mlp: n_layers must be one of {sorted(SIZES)}, got {n_layers!r}")
+    if recipe not in ("paper", "reference") or (recipe == "reference" and n_layers != 2):
+        raise ValueError(f"resid_mlp: recipe must be 'paper', or 'reference' with 2 layers; got {recipe!r}")
     n_f, d_mlp = SIZES[n_layers]
     r = RECIPES[n_layers]
     cfg = spd_run_config(
@@ -127,6 +138,15 @@ def resid_mlp_config(n_layers: int = 1, smoke: bool = False) -> ml_collections.C
         schedule="constant",
         batch_size=2048,
     )
+    if recipe == "reference":
+        cfg.ci.type, cfg.ci.hidden = "shared_mlp", (256,)
+        cfg.loss.coeffs = ml_collections.ConfigDict(
+            dict(stochastic_recon_subset=2.0, pgd_recon_subset=2.0, importance_minimality=1e-4)
+        )
+        cfg.loss.subset_routing = "uniform_k"
+        cfg.loss.pgd_init, cfg.loss.pgd_n_steps, cfg.loss.pgd_step_size = "random", 1, 1.0
+        cfg.loss.pgd_mask_scope = "shared_across_batch"
+        cfg.optim.lr, cfg.optim.steps = 3e-4, 25_000
     if smoke:
         cfg.target.steps = 100
         cfg.target.batch_size = 256
