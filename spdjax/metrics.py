@@ -172,3 +172,27 @@ def one_hot_ci(
     For targets whose input is a float feature vector of width `n_inputs`.
     """
     return batch_ci(params, target, value * jnp.eye(n_inputs, dtype=jnp.float32), sigmoid)
+
+
+def _ci_masked_error_fn(params, target, batch, sigmoid: str):
+    from spdjax.losses import clean_forward, compute_ci, masked_forward
+    from spdjax.masks import deterministic_masks
+
+    out, inputs = clean_forward(target, batch)
+    ci = compute_ci(params, target, inputs, sigmoid).lower
+    pred = masked_forward(params, target, batch, deterministic_masks(ci))
+    return jnp.mean((pred - out) ** 2, axis=-1)
+
+
+_ci_masked_error_jit = jax.jit(_ci_masked_error_fn, static_argnames="sigmoid")
+
+
+def one_hot_recon_error(
+    params, target, n_inputs: int, value: float = 0.75, sigmoid: str = "leaky_hard"
+) -> np.ndarray:
+    """Per input i, `mean_o (f(x | masks = CI, no delta) - f(x))_o^2` on x = value * e_i: `(n_inputs,)`.
+
+    How well the subcomponents the CI function selects for feature i alone reproduce the target on it.
+    """
+    x = value * jnp.eye(n_inputs, dtype=jnp.float32)
+    return np.asarray(_ci_masked_error_jit(params, target, x, sigmoid), np.float64)

@@ -187,3 +187,16 @@ def plot_scatter_panels(
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def plot_bars(values: np.ndarray, path: Path, xlabel: str = "", ylabel: str = "", title: str = "") -> Path:
+    """One bar per entry of the 1-D `values` (e.g. a per-feature error)."""
+    plt = _plt()
+    v = np.ravel(np.asarray(values, np.float64))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.06 * len(v) + 2), 3.0))
+    ax.bar(np.arange(len(v)), v, width=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)

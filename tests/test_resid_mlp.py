@@ -237,7 +237,7 @@ def test_build_smoke(tmp_path, monkeypatch):
     assert 0 <= out["n_features_with_own_w_in"] <= 100
     assert out["identity_ci_error_tol0.2"] <= out["identity_ci_error"]
     pngs = sorted(p.name for p in (tmp_path / "run").glob("*.png"))
-    assert pngs == ["ci_one_hot.png", "neuron_contributions.png"]
+    assert pngs == ["ci_one_hot.png", "feature_recon_error.png", "neuron_contributions.png"]
 
 
 def test_neuron_contributions_of_an_exact_decomposition():
@@ -294,7 +294,7 @@ def test_identity_ci_error_perfect_two_layers():
     assert metrics.identity_ci_error(one_hot["layers.0.mlp_in"], "identity") > 0
 
     analyze = analysis.make_analyze(
-        n_features=n_f, d_mlp=m, weights={"W_E": W_E, "W_in": W_in, "W_out": W_out},
+        n_features=n_f, d_mlp=m, feature_prob=0.1, weights={"W_E": W_E, "W_in": W_in, "W_out": W_out},
         eval_batch_fn=lambda k: train_target.sample_features(k, 64, n_f, 0.1), seed=0,
         sigmoid="leaky_hard", ci_l0_threshold=0.1, info={"seed_used": 3, "final_loss": 0.5},
     )
@@ -305,6 +305,10 @@ def test_identity_ci_error_perfect_two_layers():
     assert out["n_features_with_own_w_in"] == 4
     assert out["ci_l0/layers.0.mlp_out"] == pytest.approx(2.0)
     assert out["target_seed"] == 3
+    assert out["ci_l0_expected/layers.*.mlp_in"] == pytest.approx(0.4)  # n_f p
+    assert out["ci_l0_expected/layers.0.mlp_out"] == pytest.approx(2 * (1 - 0.9**4))  # d_mlp (1-(1-p)^n_f)
+    assert out["ci_l0/layers.*.mlp_in"] == pytest.approx(out["ci_l0/layers.0.mlp_in"] + out["ci_l0/layers.1.mlp_in"])
+    assert out["feature_recon_mse/max"] >= out["feature_recon_mse/mean"] >= 0.0
     # a feature whose best W_in subcomponent is shared with another feature no longer counts
     g2 = g.copy()
     g2[1, 1], g2[1, 0] = 0.0, 1.0

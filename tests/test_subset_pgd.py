@@ -272,3 +272,26 @@ def test_loss_fn_new_terms_check_grads_x64(x64):
 def test_loss_config_rejects_bad_subset_pgd_fields(field, value):
     with pytest.raises(ValueError, match=f"loss.{field}"):
         losses.LossConfig(**{field: value})
+
+
+def test_one_hot_recon_error_against_reference():
+    from spdjax import metrics
+    from test_reference_losses import _np_ci
+
+    _, target, params, layers, _ = _build()
+    got = metrics.one_hot_recon_error(params, target, 4, 0.75)
+    x = 0.75 * np.eye(4)
+    _, lower, _ = _np_ci(params, layers, x, "leaky_hard")
+    comps = _np_comps(params)
+    pred = ref.mlp_forward(x, layers, site_masks={i: (g, None, V, U) for i, (g, (V, U)) in enumerate(zip(lower, comps))})
+    want = np.mean((pred - ref.mlp_forward(x, layers)) ** 2, axis=-1)
+    assert got.shape == (4,) and want.min() > 1e-4
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_expected_ci_l0_matches_spec_numbers():
+    from experiments.resid_mlp.analysis import expected_ci_l0
+
+    assert expected_ci_l0(100, 50, 0.01)["w_in_total"] == pytest.approx(1.0)
+    for (n_f, d, want) in ((100, 50, 31.7), (100, 25, 15.8), (102, 17, 10.9)):  # toy_models.md
+        assert expected_ci_l0(n_f, d, 0.01)["w_out_per_layer"] == pytest.approx(want, abs=0.05)

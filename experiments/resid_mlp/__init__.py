@@ -79,6 +79,7 @@ def build(run, cache_dir: Path | None) -> Experiment:
     analyze = make_analyze(
         n_features=n_f,
         d_mlp=tcfg.d_mlp,
+        feature_prob=p,
         weights=weights,
         eval_batch_fn=eval_batch_fn,
         seed=run.seed,

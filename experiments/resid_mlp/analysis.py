@@ -63,10 +63,18 @@ def _rel_err(target, spd) -> float:
     return float(np.linalg.norm(spd - target) / den) if den > 0 else float("nan")
 
 
+def expected_ci_l0(n_features: int, d_mlp: int, feature_prob: float) -> dict[str, float]:
+    """CI-L0 of a perfect decomposition, from the data (toy_models.md): the W_in sites together select
+    one subcomponent per active feature, `n_f p`; each layer's W_out block of `d_mlp` subcomponents is
+    active whenever any feature is, `d_mlp (1 - (1 - p)^n_f)`."""
+    return {"w_in_total": n_features * feature_prob, "w_out_per_layer": d_mlp * (1 - (1 - feature_prob) ** n_features)}
+
+
 def make_analyze(
     *,
     n_features: int,
     d_mlp: int,
+    feature_prob: float,
     weights: dict,
     eval_batch_fn: Callable,
     seed: int,
@@ -82,6 +90,9 @@ def make_analyze(
     k = d_mlp), `identity_ci_error` (their sum, tol 0.1), `identity_ci_error_tol0.2`;
     `n_features_with_own_w_in`; `neuron_contrib_rel_err/layers.<l>` (||SPD - target|| / ||target|| of
     the neuron contributions);
+    `ci_l0/layers.*.mlp_in` (sum over the W_in sites) and `ci_l0_expected/<site>` next to the measured
+    values (W_out sites and the W_in total); `feature_recon_mse/mean`, `/max` (per feature i, the MSE of
+    the CI-masked model vs the target on 0.75 e_i; figure `feature_recon_error.png`);
     `target_seed`, `target_final_loss`. `weights`: the target's `W_E`, `W_in`, `W_out` (stacked layout).
     """
     weights = {k: np.asarray(weights[k], np.float64) for k in ("W_E", "W_in", "W_out")}
@@ -98,6 +109,17 @@ def make_analyze(
         batch = eval_batch_fn(jax.random.fold_in(jax.random.PRNGKey(seed), 0x7E57))
         for name, g in metrics.batch_ci(params, target, batch, sigmoid).items():
             out[f"ci_l0/{name}"] = metrics.ci_l0(g, ci_l0_threshold)
+        expected = expected_ci_l0(n_features, d_mlp, feature_prob)
+        for name in w_out:
+            out[f"ci_l0_expected/{name}"] = expected["w_out_per_layer"]
+        if w_in:
+            total_key = w_in[0] if len(w_in) == 1 else W_IN_GROUP
+            if len(w_in) > 1:
+                out[f"ci_l0/{W_IN_GROUP}"] = sum(out[f"ci_l0/{n}"] for n in w_in)
+            out[f"ci_l0_expected/{total_key}"] = expected["w_in_total"]
+        feature_err = metrics.one_hot_recon_error(params, target, n_features, ONE_HOT_VALUE, sigmoid)
+        out["feature_recon_mse/mean"] = float(feature_err.mean())
+        out["feature_recon_mse/max"] = float(feature_err.max())
 
         ci = metrics.one_hot_ci(params, target, n_features, ONE_HOT_VALUE, sigmoid)
         panels, patterns, scored = {}, {}, []  # scored: (key, ci, kind, k)
@@ -131,6 +153,10 @@ def make_analyze(
             plots.plot_ci_heatmaps(
                 panels, workdir / "ci_one_hot.png", patterns, max_columns=2 * n_features,
                 title=f"CI on one-hot inputs x = {ONE_HOT_VALUE} e_i",
+            )
+            plots.plot_bars(
+                feature_err, workdir / "feature_recon_error.png", xlabel="feature i",
+                ylabel="MSE vs target", title=f"CI-masked model on x = {ONE_HOT_VALUE} e_i, per feature",
             )
             if contrib:
                 plots.plot_scatter_panels(
