@@ -5,6 +5,11 @@ JSON dict of extras. The data stream is a pure function of (seed, step), so the 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a save cut
 short (even by SIGKILL) never shows up as a checkpoint; a checkpoint that is damaged later is skipped
 by `restore_latest`, which falls back to the previous one and says so.
+
+Sharded and multi-host states: every process calls `save` and `restore` (Orbax writes each array's
+shards collectively into the shared directory). `restore` takes the target shardings (e.g.
+`spdjax.sharding.state_shardings(template, mesh)`), so a checkpoint saved on one mesh restores onto
+another (a different device count, data/model split or number of hosts).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from spdjax.train import TrainState
 
@@ -33,8 +39,35 @@ def _to_tree(state: TrainState) -> dict:
     }
 
 
+def _key_impl(key):
+    return jax.random.key_impl(key) if isinstance(key, jax.Array) else key.dtype._impl  # noqa: SLF001
+
+
+def _abstract(template: TrainState, shardings: Any) -> dict:
+    """ShapeDtypeStructs of the checkpoint tree, each with its target sharding."""
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def sds(x, s=None):
+        if s is None:
+            s = x.sharding if isinstance(x, jax.Array) else (getattr(x, "sharding", None) or default)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+    tree = {
+        "step": template.step,
+        "params": template.params,
+        "opt_state": template.opt_state,
+        "key": jax.eval_shape(jax.random.key_data, template.key),
+    }
+    if shardings is None:
+        if isinstance(template.key, jax.Array):
+            tree["key"] = jax.ShapeDtypeStruct(tree["key"].shape, tree["key"].dtype, sharding=template.key.sharding)
+        return jax.tree.map(sds, tree)
+    sh = {"step": shardings.step, "params": shardings.params, "opt_state": shardings.opt_state, "key": shardings.key}
+    return jax.tree.map(sds, tree, sh)
+
+
 def _from_tree(tree: dict, template: TrainState) -> TrainState:
-    impl = jax.random.key_impl(template.key)
+    impl = _key_impl(template.key)
     return TrainState(
         tree["step"], tree["params"], tree["opt_state"], jax.random.wrap_key_data(tree["key"], impl=impl)
     )
@@ -73,22 +106,25 @@ class Checkpointer:
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
-    def restore(self, step: int, template: TrainState) -> tuple[TrainState, dict]:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_tree(template))
+    def restore(self, step: int, template: TrainState, shardings: Any = None) -> tuple[TrainState, dict]:
+        """The checkpoint at `step`, laid out like `template` (a TrainState of arrays, or its
+        `jax.eval_shape` twin). `shardings` (a tree like `template`, e.g. from
+        `spdjax.sharding.state_shardings`) places every array on the current mesh, whatever mesh
+        the checkpoint was saved from; without it a concrete template's own shardings are used."""
         out = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(_abstract(template, shardings)), extra=ocp.args.JsonRestore()
             ),
         )
         return _from_tree(out["state"], template), dict(out["extra"] or {})
 
-    def restore_latest(self, template: TrainState) -> tuple[TrainState, dict] | None:
+    def restore_latest(self, template: TrainState, shardings: Any = None) -> tuple[TrainState, dict] | None:
         """The newest readable checkpoint, or None if there is none. Unreadable ones are skipped, loudly."""
         steps = self.steps()
         for i, step in enumerate(reversed(steps)):
             try:
-                return self.restore(step, template)
+                return self.restore(step, template, shardings)
             except Exception as e:  # noqa: BLE001  (any damage: missing files, bad metadata, ...)
                 older = steps[: len(steps) - 1 - i]
                 where = f"falling back to step {older[-1]}" if older else "no older checkpoint left"
@@ -109,9 +145,13 @@ class Checkpointer:
     def _quarantine(self, step: int) -> Path:
         """Move an unreadable checkpoint out of the manager's sight (kept for inspection)."""
         dest_root = self.directory.parent / (self.directory.name + "_unreadable")
-        dest_root.mkdir(parents=True, exist_ok=True)
-        dest = dest_root / f"{step}-{time.time_ns()}"
-        shutil.move(str(self.directory / str(step)), dest)
+        dest = dest_root / f"{step}"
+        if jax.process_index() == 0:  # the checkpoint directory is shared by every process
+            dest_root.mkdir(parents=True, exist_ok=True)
+            dest = dest_root / f"{step}-{time.time_ns()}"
+            shutil.move(str(self.directory / str(step)), dest)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"spdjax_quarantine_{step}")
         self._manager.reload()
         return dest
 

@@ -18,6 +18,7 @@ Layout of a run config (see configs/*.py):
     checkpoint_every: int (steps between checkpoints; default 1000), keep_checkpoints: int (default 3)
     eval_every: int (held-out evaluation: every loss term, CI-L0, ground-truth metrics; default 1000)
     figures_every: int (figures during training, into figures/step_N; 0 = only at the end)
+    mesh: {data, model}        # device mesh axis sizes, -1 = all remaining devices (spdjax.sharding)
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ import ml_collections
 
 from spdjax.ci import CI_KINDS
 from spdjax.losses import LossConfig
+from spdjax.sharding import MeshConfig
 from spdjax.sites import SitePattern, as_patterns
 from spdjax.train import OptimConfig
 
 TOP_LEVEL = {
     "experiment", "seed", "target", "sites", "tied", "identity", "ci", "loss", "optim",
     "batch_size", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
-    "eval_every", "figures_every",
+    "eval_every", "figures_every", "mesh",
 }
 
 
@@ -59,6 +61,7 @@ class RunConfig:
     keep_checkpoints: int = 3
     eval_every: int = 1000
     figures_every: int = 0
+    mesh: MeshConfig = MeshConfig()
 
 
 def _to_dict(section, name: str) -> dict:
@@ -181,6 +184,7 @@ def parse(cfg: ml_collections.ConfigDict) -> RunConfig:
         keep_checkpoints=_positive_int(cfg.get("keep_checkpoints", 3), "keep_checkpoints"),
         eval_every=_positive_int(cfg.get("eval_every", 1000), "eval_every"),
         figures_every=_nonneg_int(cfg.get("figures_every", 0), "figures_every"),
+        mesh=dataclass_from(MeshConfig, _to_dict(cfg.get("mesh"), "mesh"), "mesh"),
     )
 
 
@@ -257,6 +261,7 @@ def run_config(
     cfg.keep_checkpoints = 3
     cfg.eval_every = 1000
     cfg.figures_every = 0
+    cfg.mesh = ml_collections.ConfigDict(dict(data=1, model=1))
     return cfg
 
 

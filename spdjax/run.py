@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from spdjax import export
+from spdjax import export, sharding
 from spdjax.checkpoint import Checkpointer
 from spdjax.config import RunConfig, parse
 from spdjax.decomposition import init_decomposition
@@ -118,31 +118,46 @@ def run(
     if wandb_project and importlib.util.find_spec("wandb") is None:
         raise ImportError(f"--wandb_project={wandb_project!r} needs the wandb package: pip install wandb")
     workdir = Path(workdir)
-    prepare_workdir(cfg, workdir, fresh, allow_config_change)
+    mesh = sharding.make_mesh(rc.mesh)  # one-line errors for a mesh that does not fit the devices
+    sharding.check_batch_size(rc.batch_size, mesh)
+    sharding.check_batch_size(rc.eval_batch_size, mesh, "eval_batch_size")
+    lead = jax.process_index() == 0  # only process 0 logs and writes outputs (checkpoints: all)
+    if lead:
+        prepare_workdir(cfg, workdir, fresh, allow_config_change)
+    _sync("spdjax_prepare_workdir")
     exp = experiments.build(rc, Path(cache_dir))
     key = jax.random.key(rc.seed)
-    params = init_decomposition(jax.random.fold_in(key, 0), exp.target, rc.ci_type, rc.ci_hidden)
     optimizer = make_optimizer(rc.optim)
-    template = init_train_state(params, optimizer, jax.random.fold_in(key, 1))
+    target = sharding.place(exp.target, sharding.replicated(mesh))
+
+    def fresh_state(target):
+        params = init_decomposition(jax.random.fold_in(key, 0), target, rc.ci_type, rc.ci_hidden)
+        params = faithfulness_warmup(params, target, rc.optim)
+        return init_train_state(params, optimizer, jax.random.fold_in(key, 1))
+
+    abstract = jax.eval_shape(fresh_state, target)
+    shardings = sharding.state_shardings(abstract, mesh)  # raises if mesh.model does not divide a C
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=rc.keep_checkpoints)
-    restored = ckpt.restore_latest(template)
+    restored = ckpt.restore_latest(abstract, shardings)  # onto this mesh, whatever mesh saved it
     prior_wall = 0.0
     if restored is not None:
         state, extra = restored
         prior_wall = float(extra.get("wall_time_s", 0.0))
-        if not quiet:
+        if not quiet and lead:
             print(f"resuming from the checkpoint at step {int(state.step)}", flush=True)
-    else:
-        state = init_train_state(faithfulness_warmup(params, exp.target, rc.optim), optimizer, template.key)
+    else:  # initialised directly on the mesh (no process holds more than its shards)
+        state = jax.jit(fresh_state, out_shardings=shardings)(target)
     resume_step = int(state.step) if restored is not None else None
+    if not quiet and lead and (mesh.devices.size > 1 or jax.process_count() > 1):
+        print(sharding.describe(mesh), flush=True)
 
     writer = MetricsWriter(
         workdir, resume_step=resume_step, wandb_project=wandb_project,
         wandb_run_name=workdir.name, config=_config_json(cfg),
-    )
+    ) if lead else _NoWriter()
     eval_writer = MetricsWriter(
         workdir, resume_step=resume_step, metrics_file="eval.jsonl", tensorboard_dir="tensorboard/eval"
-    )
+    ) if lead else _NoWriter()
     bar_ref: dict = {}
     t0 = time.perf_counter()
 
@@ -158,24 +173,28 @@ def run(
             raise _Stop
 
     check_batch(exp)
-    step_fn = make_train_step(rc.loss, optimizer, rc.optim.steps, exp.batch_fn, make_schedule(rc.optim))
-    eval_fn = make_eval_fn(rc, exp)
+    step_fn = make_train_step(
+        rc.loss, optimizer, rc.optim.steps, exp.batch_fn, make_schedule(rc.optim), mesh=mesh, shardings=shardings
+    )
+    eval_fn = make_eval_fn(rc, exp, mesh)
 
     def evaluate(s: TrainState):
         step = int(s.step)
         figures = rc.figures_every and step % rc.figures_every == 0 and step != rc.optim.steps
-        metrics = eval_fn(s.params, exp.target, jax.random.fold_in(eval_key, step))
+        metrics = eval_fn(s.params, target, jax.random.fold_in(eval_key, step))
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        gt = exp.analyze(s.params, exp.target, workdir / "figures" / f"step_{step}" if figures else None)
+        if not lead:
+            return
+        gt = exp.analyze(_params_for_host(s.params, mesh), exp.target, workdir / "figures" / f"step_{step}" if figures else None)
         host.update({k: float(v) for k, v in gt.items() if isinstance(v, (int, float))})
         eval_writer.write(step, host, wall_time_s=prior_wall + time.perf_counter() - t0, prefix="eval/")
 
     eval_key = jax.random.fold_in(key, 2)
     try:
         state = run_steps(
-            state, step_fn, exp.target, rc.optim.steps, log_every=rc.log_every, on_log=on_log,
+            state, step_fn, target, rc.optim.steps, log_every=rc.log_every, on_log=on_log,
             checkpoint=checkpoint, checkpoint_every=rc.checkpoint_every,
-            progress_bar=not quiet, bar_ref=bar_ref, evaluate=evaluate, eval_every=rc.eval_every,
+            progress_bar=not quiet and lead, bar_ref=bar_ref, evaluate=evaluate, eval_every=rc.eval_every,
         )
     except _Stop:
         return None
@@ -185,7 +204,33 @@ def run(
         eval_writer.close()
     jax.block_until_ready(state.params)
     wall = prior_wall + time.perf_counter() - t0
-    return finish(rc, exp, state, workdir, wall)
+    params = _params_for_host(state.params, mesh)  # collective: every process takes part
+    result = finish(rc, exp, TrainState(state.step, params, None, None), workdir, wall) if lead else None
+    _sync("spdjax_finish")
+    return result
+
+
+def _sync(name: str) -> None:
+    """A barrier across processes (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _params_for_host(params, mesh):
+    """Params every process can read (gathered from other hosts' shards when there are several)."""
+    return sharding.to_host(params, mesh) if jax.process_count() > 1 else params
+
+
+class _NoWriter:
+    """The metrics writer of processes other than 0."""
+
+    def write(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
 
 
 def check_batch(exp) -> None:
@@ -199,18 +244,21 @@ def check_batch(exp) -> None:
         raise ValueError(f"batch {shapes} does not fit the target: {first}") from None
 
 
-def make_eval_fn(rc: RunConfig, exp):
-    """Jitted `(params, target, key) -> metrics`: every loss term and CI-L0 on a held-out batch."""
+def make_eval_fn(rc: RunConfig, exp, mesh=None):
+    """Jitted `(params, target, key) -> metrics`: every loss term and CI-L0 on a held-out batch
+    (sampled sharded over the mesh's `data` axis when a mesh is given; metrics replicated)."""
     from spdjax.losses import TERMS, loss_fn
 
     def eval_fn(params, target, key):
         batch = exp.batch_fn(jax.random.fold_in(key, 0))
+        if mesh is not None:
+            batch = sharding.constrain_batch(batch, mesh)
         _, metrics = loss_fn(
             params, target, batch, jax.random.fold_in(key, 1), rc.loss, 1.0, tuple(TERMS)
         )
         return metrics
 
-    return jax.jit(eval_fn)
+    return jax.jit(eval_fn, out_shardings=None if mesh is None else sharding.replicated(mesh))
 
 
 def finish(rc: RunConfig, exp, state: TrainState, workdir: Path, wall: float) -> dict:

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 from jaxtyping import Array
 
+from spdjax import sharding
 from spdjax.components import faithfulness_loss
 from spdjax.decomposition import SPDParams
 from spdjax.losses import LossConfig, loss_fn
@@ -149,12 +150,21 @@ def make_train_step(
     total_steps: int,
     batch_fn: Callable[[Array], Any] | None = None,
     schedule: optax.Schedule | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    shardings: Any = None,
 ):
     """`step(state, target, batch=None) -> (state, metrics)`, jitted with the state donated.
 
     With `batch_fn(key)`, batches are sampled inside the step from `fold_in(fold_in(key, step), 0)`,
     so a run's data stream is a pure function of (seed, step). Metrics stay on device.
+
+    With a `mesh` (spdjax.sharding), the step is jitted with `shardings` (the state's, from
+    `spdjax.sharding.state_shardings`) as the state's input and output shardings, the target and the
+    metrics replicated, and the batch sharded over the `data` axis: a sampled batch is constrained
+    to it inside the step, so it is drawn as one global array (the same for any device count).
     """
+    if mesh is not None and shardings is None:
+        raise ValueError("make_train_step: with a mesh, pass shardings=spdjax.sharding.state_shardings(state, mesh)")
 
     def step(state: TrainState, target: Target, batch=None):
         key = jax.random.fold_in(state.key, state.step)
@@ -162,6 +172,8 @@ def make_train_step(
             if batch_fn is None:
                 raise ValueError("train step: pass a batch or give make_train_step a batch_fn")
             batch = batch_fn(jax.random.fold_in(key, 0))
+            if mesh is not None:
+                batch = sharding.constrain_batch(batch, mesh)
         progress = state.step.astype(jnp.float32) / total_steps
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, target, batch, jax.random.fold_in(key, 1), loss_config, progress
@@ -175,7 +187,15 @@ def make_train_step(
             metrics["lr"] = schedule(state.step)
         return TrainState(state.step + 1, params, opt_state, state.key), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    rep = sharding.replicated(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(shardings, rep, sharding.batch_sharding(mesh)),
+        out_shardings=(shardings, rep),
+        donate_argnums=0,
+    )
 
 
 class LogRecord(NamedTuple):
@@ -283,18 +303,33 @@ def train(
     on_log: Callable[[LogRecord], None] | None = None,
     progress_bar: bool = False,
     bar_ref: dict | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[TrainState, list[LogRecord]]:
     """Faithfulness warm-up, then `optim.steps` jitted steps. Metrics reach the host on log steps only.
 
     Give either `batch_fn(key) -> batch` (sampled on device inside the step) or an iterator `batches`.
+    With a `mesh` (spdjax.sharding.make_mesh) the state is placed on it (params and Adam state by
+    role, see spdjax.sharding) and batches are sharded over its `data` axis; host-side `batches` are
+    each process's own rows, assembled into global arrays.
     """
     if (batch_fn is None) == (batches is None):
         raise ValueError("train: give exactly one of batch_fn or batches")
     params = jax.tree.map(jnp.copy, params)  # the jitted step donates its state: keep the caller's
+    shardings = None
+    if mesh is not None:
+        params = sharding.place(params, sharding.param_shardings(params, mesh))
+        target = sharding.place(target, sharding.replicated(mesh))
+        if batches is not None:
+            batches = (sharding.global_batch(b, mesh) for b in batches)
     params = faithfulness_warmup(params, target, optim)
     optimizer = make_optimizer(optim)
     state = init_train_state(params, optimizer, key)
-    step_fn = make_train_step(loss_config, optimizer, optim.steps, batch_fn, make_schedule(optim))
+    if mesh is not None:
+        shardings = sharding.state_shardings(state, mesh)
+        state = sharding.place(state, shardings)
+    step_fn = make_train_step(
+        loss_config, optimizer, optim.steps, batch_fn, make_schedule(optim), mesh=mesh, shardings=shardings
+    )
     history: list[LogRecord] = []
 
     def log(rec: LogRecord):
