@@ -2,6 +2,11 @@
 
 Re-running the same command resumes from the newest checkpoint in the workdir.
 `--mode=analyze` regenerates the summary and figures of a finished run without training.
+
+Several hosts: start the same command on every host with `--distributed` (or under Slurm with
+SLURM_NTASKS > 1, detected) and a workdir they all share; `jax.distributed.initialize()` finds the
+coordinator from the cluster environment, or from `--coordinator_address`, `--num_processes`,
+`--process_id`. Process 0 logs and writes the outputs; every process takes part in checkpointing.
 """
 
 import logging
@@ -14,6 +19,8 @@ from ml_collections import config_flags
 from spdjax.run import ConfigMismatchError, analyze, format_summary, run
 from spdjax.train import NonFiniteError
 
+CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")  # > 1: started as several processes
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (a get_config(arg) .py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
 _CACHE = flags.DEFINE_string("cache_dir", ".cache/targets", "Where trained targets are cached.")
@@ -23,6 +30,32 @@ _ALLOW = flags.DEFINE_bool("allow_config_change", False, "Resume even though the
 _WANDB = flags.DEFINE_string("wandb_project", None, "Also log to this Weights & Biases project (needs wandb).")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Keep JAX/Orbax/absl INFO logs.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Multi-process run: call jax.distributed.initialize() (auto-on when SLURM_NTASKS etc. > 1).",
+)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+
+
+def distributed_requested() -> bool:
+    """--distributed, --coordinator_address, or a cluster launcher that started several processes."""
+    if flags.FLAGS["distributed"].present:
+        return _DISTRIBUTED.value
+    if _COORDINATOR.value:
+        return True
+    return any(int(os.environ.get(v, "1") or 1) > 1 for v in CLUSTER_ENV)
+
+
+def initialize_distributed() -> None:
+    import jax
+
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU cross-process collectives
+    jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
+    )
 
 
 def main(argv):
@@ -32,9 +65,15 @@ def main(argv):
             logging.getLogger(name).setLevel(logging.WARNING)
     name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
     workdir = _WORKDIR.value or os.path.join("runs", name)
+    lead = True
+    if distributed_requested():
+        initialize_distributed()
+        import jax
+
+        lead = jax.process_index() == 0
     try:
         if _MODE.value == "analyze":
-            summary = analyze(_CONFIG.value, workdir, _CACHE.value)
+            summary = analyze(_CONFIG.value, workdir, _CACHE.value) if lead else None
         else:
             summary = run(
                 _CONFIG.value, workdir, _CACHE.value, quiet=_QUIET.value, fresh=_FRESH.value,
@@ -43,8 +82,9 @@ def main(argv):
     except (ConfigMismatchError, NonFiniteError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(format_summary(summary))
-    print(f"outputs in {workdir}")
+    if lead and summary is not None:  # other processes: outputs come from process 0
+        print(format_summary(summary))
+        print(f"outputs in {workdir}")
 
 
 def parse_flags(argv):

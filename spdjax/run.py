@@ -79,6 +79,7 @@ def prepare_workdir(cfg, workdir: Path, fresh: bool, allow_config_change: bool) 
             (workdir / name).unlink(missing_ok=True)
     elif saved.exists() and (workdir / "checkpoints").exists():
         diff = config_diff(json.loads(saved.read_text()), new)
+        diff = [d for d in diff if not d.startswith("mesh.")]  # resuming on another mesh is fine
         if diff and not allow_config_change:
             raise ConfigMismatchError(
                 f"workdir {workdir} holds a run with a different config ({'; '.join(diff)}); pass "
@@ -114,6 +115,10 @@ def run(
     """
     import experiments
 
+    if cfg.get("method", "spd") == "apd":
+        from spdjax.apd.run import apd_run
+
+        return apd_run(cfg, workdir, cache_dir, quiet, fresh, allow_config_change, stop_at_step, wandb_project)
     rc: RunConfig = parse(cfg)
     if wandb_project and importlib.util.find_spec("wandb") is None:
         raise ImportError(f"--wandb_project={wandb_project!r} needs the wandb package: pip install wandb")
@@ -125,7 +130,11 @@ def run(
     if lead:
         prepare_workdir(cfg, workdir, fresh, allow_config_change)
     _sync("spdjax_prepare_workdir")
+    if not lead:  # process 0 trains and caches the target first; the others then load it
+        _sync("spdjax_target_cached")
     exp = experiments.build(rc, Path(cache_dir))
+    if lead:
+        _sync("spdjax_target_cached")
     key = jax.random.key(rc.seed)
     optimizer = make_optimizer(rc.optim)
     target = sharding.place(exp.target, sharding.replicated(mesh))
@@ -281,6 +290,10 @@ def analyze(cfg: ml_collections.ConfigDict, workdir: str | Path, cache_dir: str 
     """Regenerate the summary and every figure from a finished run's exported decomposition."""
     import experiments
 
+    if cfg.get("method", "spd") == "apd":
+        from spdjax.apd.run import apd_analyze
+
+        return apd_analyze(cfg, workdir, cache_dir)
     rc = parse(cfg)
     workdir = Path(workdir)
     dec = export.load(workdir / "decomposition")

@@ -315,6 +315,7 @@ def train(
     if (batch_fn is None) == (batches is None):
         raise ValueError("train: give exactly one of batch_fn or batches")
     params = jax.tree.map(jnp.copy, params)  # the jitted step donates its state: keep the caller's
+    key = jnp.copy(key)
     shardings = None
     if mesh is not None:
         params = sharding.place(params, sharding.param_shardings(params, mesh))
