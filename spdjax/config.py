@@ -19,6 +19,7 @@ Layout of a run config (see configs/*.py):
     eval_every: int (held-out evaluation: every loss term, CI-L0, ground-truth metrics; default 1000)
     figures_every: int (figures during training, into figures/step_N; 0 = only at the end)
     mesh: {data, model}        # device mesh axis sizes, -1 = all remaining devices (spdjax.sharding)
+    method: "spd" (default) or "apd" (spdjax.apd; its settings in the `apd` section)
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from spdjax.train import OptimConfig
 TOP_LEVEL = {
     "experiment", "seed", "target", "sites", "tied", "identity", "ci", "loss", "optim",
     "batch_size", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
-    "eval_every", "figures_every", "mesh",
+    "eval_every", "figures_every", "mesh", "method", "apd",
 }
+METHODS = ("spd", "apd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,8 @@ class RunConfig:
     eval_every: int = 1000
     figures_every: int = 0
     mesh: MeshConfig = MeshConfig()
+    method: str = "spd"  # "apd": spdjax.apd (settings in the `apd` section, parsed by spdjax.apd.config)
+    apd: Any = None
 
 
 def _to_dict(section, name: str) -> dict:
@@ -138,6 +142,12 @@ def loss_config_from(section) -> LossConfig:
         raise ValueError(f"config.loss: {e}") from None
 
 
+def _method(value) -> str:
+    if value not in METHODS:
+        raise ValueError(f"config.method: unknown {value!r}; allowed: {list(METHODS)}")
+    return value
+
+
 def parse(cfg: ml_collections.ConfigDict) -> RunConfig:
     """Validate a run config; raises ValueError naming the offending field."""
     unknown = sorted(set(cfg.keys()) - TOP_LEVEL)
@@ -185,6 +195,8 @@ def parse(cfg: ml_collections.ConfigDict) -> RunConfig:
         eval_every=_positive_int(cfg.get("eval_every", 1000), "eval_every"),
         figures_every=_nonneg_int(cfg.get("figures_every", 0), "figures_every"),
         mesh=dataclass_from(MeshConfig, _to_dict(cfg.get("mesh"), "mesh"), "mesh"),
+        method=_method(cfg.get("method", "spd")),
+        apd=cfg.get("apd"),
     )
 
 

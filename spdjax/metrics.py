@@ -86,6 +86,32 @@ def mmcs_ml2r(kernel, comps: Components) -> tuple[float, float]:
     return float(np.mean(c)), float(np.mean(r))
 
 
+def mmcs_ml2r_dense(kernel, comps) -> tuple[float, float]:
+    """MMCS and ML2R (as `mmcs_ml2r`) for components given as dense kernels `comps: (C, d_in, d_out)`
+    (APD: component c's kernel at a site is `A_c B_c`); column j of component c is `comps[c, j, :]`."""
+    K = np.asarray(kernel, np.float64)
+    P = np.asarray(comps, np.float64)
+    if P.shape[1:] != K.shape:
+        raise ValueError(f"kernel {K.shape} does not match components {P.shape}")
+    p_norm = np.linalg.norm(P, axis=2)  # (C, d_in)
+    k_norm = np.linalg.norm(K, axis=1)  # (d_in,)
+    dots = np.einsum("cjo,jo->cj", P, K)
+    denom = p_norm * k_norm[None, :]
+    cos = np.divide(dots, denom, out=np.full_like(dots, -np.inf), where=denom > 0)
+    ratio = np.divide(p_norm, k_norm[None, :], out=np.zeros_like(p_norm), where=denom > 0)
+    best = np.argmax(cos, axis=0)
+    cols = np.arange(cos.shape[1])
+    c, r = cos[best, cols], ratio[best, cols]
+    none = np.isneginf(c)
+    return float(np.mean(np.where(none, 0.0, c))), float(np.mean(np.where(none, 0.0, r)))
+
+
+def dense_component_norms(comps) -> np.ndarray:
+    """`(C,)`: sum_j ||comps[c, j, :]|| for dense component kernels `(C, d_in, d_out)` (the liveness
+    score of `subcomponent_norms`, for components of any rank)."""
+    return np.linalg.norm(np.asarray(comps, np.float64), axis=2).sum(axis=1)
+
+
 def ci_l0(ci, threshold: float = 0.1) -> float:
     """Mean over inputs (all leading axes) of the number of subcomponents with CI > threshold.
 
