@@ -3,12 +3,19 @@
 For each config (each in its own process, so peak memory is per config) prints: compile time, the
 median step time and steps/s after warm-up (wall and process CPU time), peak RSS, XLA's FLOP count per
 step and the achieved FLOP/s. Targets are trained or loaded from the cache first (not timed).
+
+`--devices=1,8` runs each config once per device count, sharded over a `(data, model)` mesh of that
+many devices (`data` = all devices / `--mesh_model`), each in its own process with
+`XLA_FLAGS=--xla_force_host_platform_device_count=N` (simulated CPU devices; on a GPU/TPU host the
+count must not exceed the real devices and only selects the mesh size).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import resource
 import statistics
 import subprocess
@@ -16,13 +23,16 @@ import sys
 import time
 
 
-def bench_one(config_path: str, steps: int, warmup: int, cache_dir: str) -> dict:
+def bench_one(
+    config_path: str, steps: int, warmup: int, cache_dir: str, n_devices: int | None = None, mesh_model: int = 1
+) -> dict:
     import jax
     from ml_collections.config_flags import config_flags as cf
 
     import experiments
     from spdjax.config import parse
     from spdjax.decomposition import init_decomposition
+    from spdjax import sharding
     from spdjax.train import init_train_state, make_optimizer, make_train_step
 
     path, _, arg = config_path.partition(":")
@@ -32,11 +42,18 @@ def bench_one(config_path: str, steps: int, warmup: int, cache_dir: str) -> dict
     exp = experiments.build(rc, cache_dir)
     params = init_decomposition(jax.random.key(0), exp.target, rc.ci_type, rc.ci_hidden)
     opt = make_optimizer(rc.optim)
-    step = make_train_step(rc.loss, opt, rc.optim.steps, exp.batch_fn)
     state = init_train_state(params, opt, jax.random.key(1))
+    target, mesh, shardings = exp.target, None, None
+    if n_devices is not None:
+        mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, model=mesh_model), jax.devices()[:n_devices])
+        sharding.check_batch_size(rc.batch_size, mesh)
+        shardings = sharding.state_shardings(state, mesh)
+        state = sharding.place(state, shardings)
+        target = sharding.place(target, sharding.replicated(mesh))
+    step = make_train_step(rc.loss, opt, rc.optim.steps, exp.batch_fn, mesh=mesh, shardings=shardings)
 
     t0 = time.perf_counter()
-    compiled = step.lower(state, exp.target).compile()
+    compiled = step.lower(state, target).compile()
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     if isinstance(cost, list):
@@ -44,12 +61,12 @@ def bench_one(config_path: str, steps: int, warmup: int, cache_dir: str) -> dict
     flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
 
     for _ in range(warmup):
-        state, m = step(state, exp.target)
+        state, m = step(state, target)
     jax.block_until_ready(m)
     wall, cpu = [], []
     for _ in range(steps):
         w0, c0 = time.perf_counter(), time.process_time()
-        state, m = step(state, exp.target)
+        state, m = step(state, target)
         jax.block_until_ready(m)
         wall.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)
@@ -65,6 +82,7 @@ def bench_one(config_path: str, steps: int, warmup: int, cache_dir: str) -> dict
         "gflop_per_step": flops / 1e9,
         "achieved_gflop_s": flops / 1e9 / med,
         "devices": str(jax.devices()),
+        "mesh": "none" if mesh is None else f"data={mesh.shape['data']} x model={mesh.shape['model']}",
     }
 
 
@@ -74,23 +92,33 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--cache_dir", default=".cache/targets")
+    ap.add_argument("--devices", default=None, help="comma-separated device counts, e.g. 1,8 (sharded runs)")
+    ap.add_argument("--mesh_model", type=int, default=1, help="model (C) axis size of the mesh with --devices")
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--_n_devices", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._child:
-        print(json.dumps(bench_one(a.config[0], a.steps, a.warmup, a.cache_dir)))
+        print(json.dumps(bench_one(a.config[0], a.steps, a.warmup, a.cache_dir, a._n_devices, a.mesh_model)))
         return
-    for c in a.config:
+    counts = [int(n) for n in a.devices.split(",")] if a.devices else [None]
+    for c, n in [(c, n) for c in a.config for n in counts]:
+        env, extra = dict(os.environ), []
+        if n is not None:
+            flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+            env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+            extra = ["--_n_devices", str(n), "--mesh_model", str(a.mesh_model)]
         out = subprocess.run(
             [sys.executable, "-m", "experiments.benchmark", "--_child", "--config", c,
-             "--steps", str(a.steps), "--warmup", str(a.warmup), "--cache_dir", a.cache_dir],
-            capture_output=True, text=True,
+             "--steps", str(a.steps), "--warmup", str(a.warmup), "--cache_dir", a.cache_dir, *extra],
+            capture_output=True, text=True, env=env,
         )
         if out.returncode != 0:
             print(f"{c}: FAILED\n{out.stderr[-3000:]}")
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
+        where = "" if n is None else f" [{n} device(s), mesh {r['mesh']}]"
         print(
-            f"{r['config']}: {r['steps_per_s']:.1f} steps/s (median {r['step_ms_median']:.2f} ms, "
+            f"{r['config']}{where}: {r['steps_per_s']:.1f} steps/s (median {r['step_ms_median']:.2f} ms, "
             f"min {r['step_ms_min']:.2f} ms, cpu {r['step_cpu_ms_median']:.2f} ms), compile {r['compile_s']:.2f} s, "
             f"peak RSS {r['peak_rss_mib']:.0f} MiB, {r['gflop_per_step']:.3f} GFLOP/step, "
             f"{r['achieved_gflop_s']:.2f} GFLOP/s"

@@ -190,12 +190,18 @@ def make_train_step(
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
     rep = sharding.replicated(mesh)
-    return jax.jit(
+    jitted = jax.jit(
         step,
         in_shardings=(shardings, rep, sharding.batch_sharding(mesh)),
         out_shardings=(shardings, rep),
         donate_argnums=0,
     )
+
+    def sharded_step(state: TrainState, target: Target, batch=None):
+        return jitted(state, target, batch)  # in_shardings cover all three positional arguments
+
+    sharded_step.lower = lambda state, target, batch=None: jitted.lower(state, target, batch)
+    return sharded_step
 
 
 class LogRecord(NamedTuple):
