@@ -7,7 +7,8 @@ step and the achieved FLOP/s. Targets are trained or loaded from the cache first
 `--devices=1,8` runs each config once per device count, sharded over a `(data, model)` mesh of that
 many devices (`data` = all devices / `--mesh_model`), each in its own process with
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` (simulated CPU devices; on a GPU/TPU host the
-count must not exceed the real devices and only selects the mesh size).
+count must not exceed the real devices and only selects the mesh size). XLA's FLOP count of a sharded
+step is per device.
 """
 
 from __future__ import annotations

@@ -83,7 +83,11 @@ def make_mesh(cfg: MeshConfig | None = None, devices=None) -> Mesh:
 
     A mesh smaller than the device count uses the first devices. Axes are `AxisType.Auto`.
     """
-    assert jax.config.jax_threefry_partitionable, "spdjax.sharding needs jax_threefry_partitionable=True"
+    if not jax.config.jax_threefry_partitionable:
+        raise RuntimeError(
+            "spdjax.sharding needs jax_threefry_partitionable=True (JAX's default) for device-count "
+            "independent random numbers"
+        )
     cfg = cfg or MeshConfig()
     devices = list(jax.devices() if devices is None else devices)
     data, model = mesh_shape(cfg, len(devices), jax.process_count())

@@ -28,6 +28,7 @@ def _env(n_devices: int) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
     env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # small compiles (as conftest.py does in-process)
     return env
 
 
