@@ -192,9 +192,10 @@ def run(
         figures = rc.figures_every and step % rc.figures_every == 0 and step != rc.optim.steps
         metrics = eval_fn(s.params, target, jax.random.fold_in(eval_key, step))
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        params = _params_for_host(s.params, mesh)  # collective: every process takes part
         if not lead:
             return
-        gt = exp.analyze(_params_for_host(s.params, mesh), exp.target, workdir / "figures" / f"step_{step}" if figures else None)
+        gt = exp.analyze(params, exp.target, workdir / "figures" / f"step_{step}" if figures else None)
         host.update({k: float(v) for k, v in gt.items() if isinstance(v, (int, float))})
         eval_writer.write(step, host, wall_time_s=prior_wall + time.perf_counter() - t0, prefix="eval/")
 
