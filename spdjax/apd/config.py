@@ -91,5 +91,6 @@ def shrink_for_smoke(cfg: ml_collections.ConfigDict, steps: int = 20, every: int
     """The `:smoke` variant of an APD config: a few steps on small batches."""
     cfg.optim.steps = steps
     cfg.batch_size = cfg.eval_batch_size = min(cfg.batch_size, 128)
-    cfg.log_every = cfg.checkpoint_every = cfg.eval_every = every
+    cfg.log_every = cfg.checkpoint_every = every
+    cfg.eval_every = steps  # one held-out evaluation, at the end
     return cfg
