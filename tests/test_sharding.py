@@ -218,10 +218,15 @@ def test_run_resumes_onto_another_mesh(tmp_path):
 
     from spdjax.run import run
 
+    def cfg(**mesh):
+        c = _cfg(**mesh)
+        c.eval_every = 10  # held-out evaluation at the end only
+        return c
+
     cache = tmp_path / "cache"
-    run(_cfg(data=1, model=1), tmp_path / "a", cache, quiet=True)
-    assert run(_cfg(data=4, model=2), tmp_path / "b", cache, quiet=True, stop_at_step=5) is None
-    summary = run(_cfg(data=8, model=1), tmp_path / "b", cache, quiet=True)
+    run(cfg(data=1, model=1), tmp_path / "a", cache, quiet=True)
+    assert run(cfg(data=4, model=2), tmp_path / "b", cache, quiet=True, stop_at_step=5) is None
+    summary = run(cfg(data=8, model=1), tmp_path / "b", cache, quiet=True)
     assert summary["steps"] == 10
     a, b = (load_file(str(tmp_path / d / "decomposition" / "decomposition.safetensors")) for d in "ab")
     for k in a:
