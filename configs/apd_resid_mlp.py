@@ -31,7 +31,7 @@ def get_config(arg=None):
     )
     if smoke:
         cfg.apd.C = 12
-        cfg.target.steps = 20
+        cfg.target.steps, cfg.target.d_embed = 20, 100
         cfg.sites = tuple((p, 12) for p, _ in cfg.sites)
         shrink_for_smoke(cfg, steps=6, every=3)
     return cfg

@@ -58,7 +58,10 @@ def run_or_reuse(config: str, workdir: Path, steps: int, cache_dir: str, env: di
         info["peak_rss_mib"] = max(info["peak_rss_mib"], prev.get("peak_rss_mib", 0.0))
         rss_path.write_text(json.dumps(info))
     summary = json.loads(summary_path.read_text())
-    summary["peak_rss_mib_process"] = json.loads(rss_path.read_text())["peak_rss_mib"] if rss_path.exists() else float("nan")
+    # a run trained elsewhere (e.g. a linked workdir) has no peak_rss.json: use its own in-process figure
+    summary["peak_rss_mib_process"] = (
+        json.loads(rss_path.read_text())["peak_rss_mib"] if rss_path.exists() else summary.get("peak_rss_mib", float("nan"))
+    )
     return summary
 
 
