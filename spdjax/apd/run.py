@@ -6,6 +6,7 @@ Workdir contents as for SPD: `config.json`, `checkpoints/` (Orbax, `spdjax.check
 `metrics.jsonl` + `tensorboard/` (`spdjax.metrics_writer.MetricsWriter`), `eval.jsonl`,
 `decomposition/` (spdjax.apd.export), `summary.json` (flat keys: `mmcs`, `ml2r`, `n_alive`,
 `n_features_with_own_component`, `wall_time_s`, `peak_rss_mib`, `n_apd_params`, ...) and PNG figures.
+APD runs on one device (the `mesh` section is not used) and one process.
 """
 
 from __future__ import annotations
