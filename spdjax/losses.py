@@ -441,7 +441,9 @@ def _pgd_recon_layerwise(ctx: LossContext):
 
 
 def _stochastic_hidden_acts_recon(ctx: LossContext):
-    masks = masks_lib.take_sample(_stochastic(ctx, 10), 0)
+    c = ctx.config
+    masks = masks_lib.take_sample(masks_lib.sample_masks(
+        jax.random.fold_in(ctx.key, 10), ctx.ci.lower, 1, c.mask_type, c.use_delta_component), 0)
     return hidden_acts_recon_loss(ctx.params, ctx.target, ctx.batch, ctx.inputs, masks)
 
 

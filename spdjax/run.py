@@ -17,6 +17,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import ml_collections
@@ -146,6 +147,63 @@ def run(
 
     abstract = jax.eval_shape(fresh_state, target)
     shardings = sharding.state_shardings(abstract, mesh)  # raises if mesh.model does not divide a C
+    if not quiet and lead and (mesh.devices.size > 1 or jax.process_count() > 1):
+        print(sharding.describe(mesh), flush=True)
+    check_batch(exp)
+    step_fn = make_train_step(
+        rc.loss, optimizer, rc.optim.steps, exp.batch_fn, make_schedule(rc.optim), mesh=mesh, shardings=shardings
+    )
+    eval_fn = make_eval_fn(rc, exp, mesh)
+    eval_key = jax.random.fold_in(key, 2)
+
+    def evaluate(s: TrainState) -> dict | None:
+        step = int(s.step)
+        figures = rc.figures_every and step % rc.figures_every == 0 and step != rc.optim.steps
+        metrics = eval_fn(s.params, target, jax.random.fold_in(eval_key, step))
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        params = _params_for_host(s.params, mesh)  # collective: every process takes part
+        if not lead:
+            return None
+        gt = exp.analyze(params, exp.target, workdir / "figures" / f"step_{step}" if figures else None)
+        host.update({k: float(v) for k, v in gt.items() if isinstance(v, (int, float))})
+        return host
+
+    out = train_session(
+        cfg, rc, workdir, abstract, lambda: jax.jit(fresh_state, out_shardings=shardings)(target),
+        step_fn, target, evaluate, shardings=shardings, quiet=quiet, lead=lead,
+        stop_at_step=stop_at_step, wandb_project=wandb_project,
+    )
+    if out is None:
+        return None
+    state, wall = out
+    params = _params_for_host(state.params, mesh)  # collective: every process takes part
+    result = finish(rc, exp, TrainState(state.step, params, None, None), workdir, wall) if lead else None
+    _sync("spdjax_finish")
+    return result
+
+
+def train_session(
+    cfg: ml_collections.ConfigDict,
+    rc: RunConfig,
+    workdir: Path,
+    abstract: TrainState,
+    init: Callable[[], TrainState],
+    step_fn,
+    target,
+    evaluate: Callable[[TrainState], dict | None],
+    *,
+    shardings=None,
+    quiet: bool = False,
+    lead: bool = True,
+    stop_at_step: int | None = None,
+    wandb_project: str | None = None,
+) -> tuple[TrainState, float] | None:
+    """The resumable part of a run, shared by every method: restore the newest checkpoint (onto
+    `shardings`) or `init()`, then step to `rc.optim.steps` with metrics, held-out evaluation
+    (`evaluate(state) -> host metrics`, or None on processes that write nothing) and checkpoints.
+
+    Returns `(final state, wall time including earlier sessions)`, or None when `stop_at_step` ended it.
+    """
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=rc.keep_checkpoints)
     restored = ckpt.restore_latest(abstract, shardings)  # onto this mesh, whatever mesh saved it
     prior_wall = 0.0
@@ -154,12 +212,9 @@ def run(
         prior_wall = float(extra.get("wall_time_s", 0.0))
         if not quiet and lead:
             print(f"resuming from the checkpoint at step {int(state.step)}", flush=True)
-    else:  # initialised directly on the mesh (no process holds more than its shards)
-        state = jax.jit(fresh_state, out_shardings=shardings)(target)
+    else:  # (SPD: initialised directly on the mesh, so no process holds more than its shards)
+        state = init()
     resume_step = int(state.step) if restored is not None else None
-    if not quiet and lead and (mesh.devices.size > 1 or jax.process_count() > 1):
-        print(sharding.describe(mesh), flush=True)
-
     writer = MetricsWriter(
         workdir, resume_step=resume_step, wandb_project=wandb_project,
         wandb_run_name=workdir.name, config=_config_json(cfg),
@@ -181,30 +236,16 @@ def run(
         if stop_at_step is not None and int(s.step) >= stop_at_step:
             raise _Stop
 
-    check_batch(exp)
-    step_fn = make_train_step(
-        rc.loss, optimizer, rc.optim.steps, exp.batch_fn, make_schedule(rc.optim), mesh=mesh, shardings=shardings
-    )
-    eval_fn = make_eval_fn(rc, exp, mesh)
+    def eval_and_write(s: TrainState):
+        host = evaluate(s)
+        if host is not None:
+            eval_writer.write(int(s.step), host, wall_time_s=prior_wall + time.perf_counter() - t0, prefix="eval/")
 
-    def evaluate(s: TrainState):
-        step = int(s.step)
-        figures = rc.figures_every and step % rc.figures_every == 0 and step != rc.optim.steps
-        metrics = eval_fn(s.params, target, jax.random.fold_in(eval_key, step))
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        params = _params_for_host(s.params, mesh)  # collective: every process takes part
-        if not lead:
-            return
-        gt = exp.analyze(params, exp.target, workdir / "figures" / f"step_{step}" if figures else None)
-        host.update({k: float(v) for k, v in gt.items() if isinstance(v, (int, float))})
-        eval_writer.write(step, host, wall_time_s=prior_wall + time.perf_counter() - t0, prefix="eval/")
-
-    eval_key = jax.random.fold_in(key, 2)
     try:
         state = run_steps(
             state, step_fn, target, rc.optim.steps, log_every=rc.log_every, on_log=on_log,
             checkpoint=checkpoint, checkpoint_every=rc.checkpoint_every,
-            progress_bar=not quiet and lead, bar_ref=bar_ref, evaluate=evaluate, eval_every=rc.eval_every,
+            progress_bar=not quiet and lead, bar_ref=bar_ref, evaluate=eval_and_write, eval_every=rc.eval_every,
         )
     except _Stop:
         return None
@@ -213,11 +254,7 @@ def run(
         writer.close()
         eval_writer.close()
     jax.block_until_ready(state.params)
-    wall = prior_wall + time.perf_counter() - t0
-    params = _params_for_host(state.params, mesh)  # collective: every process takes part
-    result = finish(rc, exp, TrainState(state.step, params, None, None), workdir, wall) if lead else None
-    _sync("spdjax_finish")
-    return result
+    return state, prior_wall + time.perf_counter() - t0
 
 
 def _sync(name: str) -> None:

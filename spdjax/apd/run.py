@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import resource
-import time
 from pathlib import Path
 
 import jax
@@ -24,14 +23,8 @@ from spdjax.apd import analysis, export
 from spdjax.apd.components import init_apd
 from spdjax.apd.config import apd_config_from
 from spdjax.apd.train import check_optim, init_train_state, make_optimizer, make_schedule, make_train_step
-from spdjax.checkpoint import Checkpointer
 from spdjax.config import parse
-from spdjax.metrics_writer import MetricsWriter
-from spdjax.train import LogRecord, TrainState, run_steps
-
-
-class _Stop(Exception):
-    pass
+from spdjax.train import TrainState
 
 
 def peak_rss_mib() -> float:
@@ -57,7 +50,7 @@ def apd_run(
 ) -> dict | None:
     """Run (or resume) the APD decomposition described by `cfg`; returns the summary."""
     import experiments
-    from spdjax.run import _config_json, _fmt, check_batch, prepare_workdir
+    from spdjax.run import check_batch, prepare_workdir, train_session
 
     rc = parse(cfg)
     apd = apd_config_from(rc.apd)
@@ -78,62 +71,21 @@ def apd_run(
         return init_train_state(params, optimizer, jax.random.fold_in(key, 1))
 
     abstract = jax.eval_shape(fresh_state)
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=rc.keep_checkpoints)
-    restored = ckpt.restore_latest(abstract)
-    prior_wall = 0.0
-    if restored is not None:
-        state, extra = restored
-        prior_wall = float(extra.get("wall_time_s", 0.0))
-        if not quiet:
-            print(f"resuming from the checkpoint at step {int(state.step)}", flush=True)
-    else:
-        state = jax.jit(fresh_state)()
-    resume_step = int(state.step) if restored is not None else None
-    writer = MetricsWriter(
-        workdir, resume_step=resume_step, wandb_project=wandb_project, wandb_run_name=workdir.name,
-        config=_config_json(cfg),
-    )
-    eval_writer = MetricsWriter(
-        workdir, resume_step=resume_step, metrics_file="eval.jsonl", tensorboard_dir="tensorboard/eval"
-    )
-    bar_ref: dict = {}
-    t0 = time.perf_counter()
     eval_key = jax.random.fold_in(key, 2)
     n_features = _n_features(rc)
 
-    def on_log(rec: LogRecord):
-        writer.write(rec.step, rec.metrics, wall_time_s=prior_wall + rec.wall_time_s)
-        bar = bar_ref.get("bar")
-        if bar is not None:
-            bar.set_postfix_str(_fmt(rec.metrics), refresh=False)
-
-    def checkpoint(s: TrainState):
-        ckpt.save(s, {"wall_time_s": prior_wall + time.perf_counter() - t0})
-        if stop_at_step is not None and int(s.step) >= stop_at_step:
-            raise _Stop
-
-    def evaluate(s: TrainState):
-        step = int(s.step)
-        batch = exp.batch_fn(jax.random.fold_in(eval_key, step))
+    def evaluate(s: TrainState) -> dict:
+        batch = exp.batch_fn(jax.random.fold_in(eval_key, int(s.step)))
         summary = analysis.analyze(s.params, target, apd, n_features, batch, None)
-        host = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
-        eval_writer.write(step, host, wall_time_s=prior_wall + time.perf_counter() - t0, prefix="eval/")
+        return {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
 
-    step_fn = make_train_step(apd, optimizer, exp.batch_fn, schedule)
-    try:
-        state = run_steps(
-            state, step_fn, target, rc.optim.steps, log_every=rc.log_every, on_log=on_log,
-            checkpoint=checkpoint, checkpoint_every=rc.checkpoint_every, progress_bar=not quiet,
-            bar_ref=bar_ref, evaluate=evaluate, eval_every=rc.eval_every,
-        )
-    except _Stop:
+    out = train_session(
+        cfg, rc, workdir, abstract, jax.jit(fresh_state), make_train_step(apd, optimizer, exp.batch_fn, schedule),
+        target, evaluate, quiet=quiet, stop_at_step=stop_at_step, wandb_project=wandb_project,
+    )
+    if out is None:
         return None
-    finally:
-        ckpt.close()
-        writer.close()
-        eval_writer.close()
-    jax.block_until_ready(state.params)
-    wall = prior_wall + time.perf_counter() - t0
+    state, wall = out
     return finish(rc, apd, exp, state, workdir, wall)
 
 
