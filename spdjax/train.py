@@ -117,7 +117,8 @@ class TrainState:
     key: Array  # base key; the step key is fold_in(key, step)
 
 
-def init_train_state(params: SPDParams, optimizer: optax.GradientTransformation, key: Array) -> TrainState:
+def init_train_state(params: Any, optimizer: optax.GradientTransformation, key: Array) -> TrainState:
+    """Step 0 of any method's params pytree (SPD, APD), with fresh optimiser state."""
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), key)
 
 

@@ -22,9 +22,9 @@ import ml_collections
 from spdjax.apd import analysis, export
 from spdjax.apd.components import init_apd
 from spdjax.apd.config import apd_config_from
-from spdjax.apd.train import check_optim, init_train_state, make_optimizer, make_schedule, make_train_step
+from spdjax.apd.train import check_optim, make_optimizer, make_schedule, make_train_step
 from spdjax.config import parse
-from spdjax.train import TrainState
+from spdjax.train import TrainState, init_train_state
 
 
 def peak_rss_mib() -> float:

@@ -104,7 +104,3 @@ def make_train_step(
         return TrainState(state.step + 1, new, opt_state, state.key), metrics
 
     return jax.jit(step, donate_argnums=0)
-
-
-def init_train_state(params: APDParams, optimizer, key) -> TrainState:
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), key)
