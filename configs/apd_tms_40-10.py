@@ -12,6 +12,6 @@ def get_config(arg=None):
     cfg = to_apd(
         tms_config(40, 10, identity=False, smoke=smoke),
         C=50, m=11, topk=1.0, coeffs=dict(faithfulness=1.0, topk_recon=10.0, schatten=20.0), schatten_p=0.9,
-        lr=1e-3, schedule="cosine", warmup_frac=0.05, steps=20_000, batch_size=2048,
+        lr=1e-3, schedule="cosine", warmup_frac=0.05, steps=20_000, batch_size=2048, init_type="xavier_normal",
     )
     return shrink_for_smoke(cfg) if smoke else cfg

@@ -12,6 +12,6 @@ def get_config(arg=None):
     cfg = to_apd(
         tms_config(5, 2, identity=False, smoke=smoke),
         C=5, m=3, topk=0.211, coeffs=dict(faithfulness=1.0, topk_recon=1.0, schatten=0.7), schatten_p=1.0,
-        lr=3e-2, schedule="constant", warmup_frac=0.05, steps=20_000, batch_size=2048,
+        lr=3e-2, schedule="constant", warmup_frac=0.05, steps=20_000, batch_size=2048, init_type="xavier_normal",
     )
     return shrink_for_smoke(cfg) if smoke else cfg

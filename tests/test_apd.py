@@ -344,6 +344,43 @@ def test_config_errors():
     assert (full.C, full.m, full.topk, full.schatten_p) == (50, 11, 1.0, 0.9)
     r1 = apd_config_from(parse(_load_config("apd_resid_mlp", "1")).apd)
     assert (r1.C, r1.m, r1.unit_norm_A, r1.init_scale) == (130, 50, True, 2.0)
+    assert (full.init_type, r1.init_type) == ("xavier_normal", "kaiming_uniform")
+    cfg = _load_config("apd_tms_5-2", "smoke")
+    cfg.apd.init_type = "orthogonal"
+    with pytest.raises(ValueError, match="apd.init_type"):
+        apd_config_from(parse(cfg).apd)
+
+
+def _torch_fans(shape):
+    """torch.nn.init's fan-in / fan-out of a tensor: dim 1 / dim 0, each times the trailing dims."""
+    rf = int(np.prod(shape[2:]))
+    return shape[1] * rf, shape[0] * rf
+
+
+@pytest.mark.parametrize("init_type", ["kaiming_uniform", "xavier_normal"])
+def test_init_statistics(init_type):
+    from spdjax.apd.components import init_apd
+
+    d_in, d_out, c, m, scale = 40, 10, 50, 11, 1.5
+    target = spdjax.from_apply(
+        lambda p, x: linear("w", x, p["w"], None), {"w": jnp.zeros((d_in, d_out))}, sites={"w": c}
+    )
+    comp = init_apd(jax.random.key(3), target, c, m, scale, init_type=init_type).components["w"]
+    assert comp.A.shape == (c, d_in, m) and comp.B.shape == (c, m, d_out)
+    for arr, shape in ((comp.A, (c, d_in, m)), (comp.B, (c, m, d_out))):
+        a = np.asarray(arr, np.float64)
+        if init_type == "kaiming_uniform":  # torch kaiming_uniform_ (a=0, fan_in) on (C, d_in, m)
+            fan_in, _ = _torch_fans(shape)
+            bound = scale * math.sqrt(6.0 / fan_in)
+            assert np.abs(a).max() <= bound and np.abs(a).max() > 0.95 * bound
+            want_std = bound / math.sqrt(3.0)
+        else:  # torch xavier_normal_ on the reference's (n_instances=1, C, ...) tensor
+            fan_in, fan_out = _torch_fans((1,) + shape)
+            want_std = scale * math.sqrt(2.0 / (fan_in + fan_out))
+        assert abs(a.mean()) < 4 * want_std / math.sqrt(a.size)
+        np.testing.assert_allclose(a.std(), want_std, rtol=0.05)
+    with pytest.raises(ValueError, match="apd.init_type"):
+        init_apd(jax.random.key(0), target, c, m, init_type="normal")
 
 
 SMOKE = [("apd_tms_5-2", "smoke"), ("apd_tms_40-10", "smoke"), ("apd_resid_mlp", "1,smoke"), ("apd_resid_mlp", "2,smoke")]

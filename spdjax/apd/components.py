@@ -67,26 +67,48 @@ def site_m(spec: SiteSpec, m: int | None) -> int:
     return int(m) if m is not None else min(spec.d_in, spec.d_out)
 
 
-def init_apd(
-    key: Array, target: Target, C: int, m: int | None = None, init_scale: float = 1.0, dtype=jnp.float32
-) -> APDParams:
-    """Fresh components for every primary site of `target`.
+INIT_TYPES = ("kaiming_uniform", "xavier_normal")
 
-    Kaiming-uniform as in the reference (`torch.nn.init.kaiming_uniform_` on the stacked tensors, then
-    times `init_scale`): `A ~ U(+-scale sqrt(6 / (d_in m)))`, `B ~ U(+-scale sqrt(6 / (m d_out)))`.
+
+def init_apd(
+    key: Array,
+    target: Target,
+    C: int,
+    m: int | None = None,
+    init_scale: float = 1.0,
+    dtype=jnp.float32,
+    init_type: str = "kaiming_uniform",
+) -> APDParams:
+    """Fresh components for every primary site of `target`, times `init_scale`.
+
+    The reference's torch initialisers on its stacked tensors (fan sizes as `torch.nn.init` computes
+    them: dim 1 x trailing dims is fan-in, dim 0 x trailing dims fan-out):
+    - `kaiming_uniform` (ResidMLP; tensors `(C, d_in, m)`, `(C, m, d_out)`):
+      `A ~ U(+-sqrt(6 / (d_in m)))`, `B ~ U(+-sqrt(6 / (m d_out)))`;
+    - `xavier_normal` (TMS; tensors `(n_instances=1, C, d_in, m)`, `(1, C, m, d_out)`):
+      `A ~ N(0, 2 / (d_in m (C + 1)))`, `B ~ N(0, 2 / (m d_out (C + 1)))`, so every component starts
+      near zero (a component the top-k never selects keeps little of its initial weight).
     """
     if isinstance(C, bool) or not isinstance(C, int) or C < 1:
         raise ValueError(f"apd.C must be an int >= 1, got {C!r}")
+    if init_type not in INIT_TYPES:
+        raise ValueError(f"apd.init_type: unknown {init_type!r}; allowed: {list(INIT_TYPES)}")
     comps = {}
     for i, s in enumerate(target.sites):
         if s.tied_to is not None:
             continue
         mm = site_m(s, m)
         ka, kb = jax.random.split(jax.random.fold_in(key, i))
-        ba = init_scale * math.sqrt(6.0 / (s.d_in * mm))
-        bb = init_scale * math.sqrt(6.0 / (mm * s.d_out))
-        A = jax.random.uniform(ka, (C, s.d_in, mm), dtype, -ba, ba)
-        B = jax.random.uniform(kb, (C, mm, s.d_out), dtype, -bb, bb)
+        if init_type == "kaiming_uniform":
+            ba = init_scale * math.sqrt(6.0 / (s.d_in * mm))
+            bb = init_scale * math.sqrt(6.0 / (mm * s.d_out))
+            A = jax.random.uniform(ka, (C, s.d_in, mm), dtype, -ba, ba)
+            B = jax.random.uniform(kb, (C, mm, s.d_out), dtype, -bb, bb)
+        else:
+            sa = init_scale * math.sqrt(2.0 / (s.d_in * mm * (C + 1)))
+            sb = init_scale * math.sqrt(2.0 / (mm * s.d_out * (C + 1)))
+            A = sa * jax.random.normal(ka, (C, s.d_in, mm), dtype)
+            B = sb * jax.random.normal(kb, (C, mm, s.d_out), dtype)
         comps[s.name] = APDComponents(A=A, B=B)
     return APDParams(comps)
 

@@ -3,7 +3,7 @@ same experiment into an APD one (same target section, same data, same run settin
 
     method: "apd"
     apd: {C, m, topk, batch_topk, attribution, coeffs: {faithfulness, topk_recon, act_recon, schatten,
-          lp_sparsity}, schatten_p, schatten_eps, lp_p, unit_norm_A, init_scale}
+          lp_sparsity}, schatten_p, schatten_eps, lp_p, unit_norm_A, init_scale, init_type}
     optim: {steps, lr, schedule (constant / cosine / linear, see spdjax.apd.train), warmup_frac}
 """
 
@@ -47,6 +47,7 @@ def to_apd(
     batch_size: int,
     unit_norm_A: bool = False,
     init_scale: float = 1.0,
+    init_type: str = "kaiming_uniform",
     attribution: str = "gradient",
     batch_topk: bool = True,
 ) -> ml_collections.ConfigDict:
@@ -78,6 +79,7 @@ def to_apd(
             lp_p=1.0,
             unit_norm_A=unit_norm_A,
             init_scale=init_scale,
+            init_type=init_type,
         )
     )
     cfg.optim = ml_collections.ConfigDict(

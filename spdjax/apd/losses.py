@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from spdjax.apd.attributions import ATTRIBUTIONS, attributions
-from spdjax.apd.components import APDParams, faithfulness_loss, n_target_params
+from spdjax.apd.components import INIT_TYPES, APDParams, faithfulness_loss, n_target_params
 from spdjax.apd.forward import clean_forward, masked_forward
 from spdjax.apd.topk import topk_mask
 from spdjax.targets.base import Target
@@ -41,8 +41,8 @@ class APDConfig:
     a whole number), None for no top-k (then `schatten` uses all components and `lp_sparsity` is the
     minimality term); attribution: `gradient` / `activation` / `ablation`; coeffs: `(term, coeff)`
     pairs (terms in `TERMS`); schatten_p, lp_p: the p of those terms; unit_norm_A: normalise A's
-    columns before every step and project the radial part out of A's gradient; init_scale: scale of
-    the Kaiming-uniform init.
+    columns before every step and project the radial part out of A's gradient; init_type:
+    `kaiming_uniform` or `xavier_normal` (see `spdjax.apd.components.init_apd`); init_scale: its scale.
     """
 
     C: int = 5
@@ -56,6 +56,7 @@ class APDConfig:
     lp_p: float = 1.0
     unit_norm_A: bool = False
     init_scale: float = 1.0
+    init_type: str = "kaiming_uniform"
 
     def __post_init__(self):
         if isinstance(self.C, bool) or not isinstance(self.C, int) or self.C < 1:
@@ -74,6 +75,8 @@ class APDConfig:
                 raise ValueError(f"apd.topk: per-sample top-k (batch_topk=False) needs a whole number, got {self.topk!r}")
         elif any(n in TOPK_TERMS for n, _ in self.coeffs):
             raise ValueError(f"apd.coeffs: {list(TOPK_TERMS)} need apd.topk (got None)")
+        if self.init_type not in INIT_TYPES:
+            raise ValueError(f"apd.init_type: unknown {self.init_type!r}; allowed: {list(INIT_TYPES)}")
         for f in ("schatten_p", "lp_p", "init_scale"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"apd.{f} must be > 0, got {getattr(self, f)!r}")

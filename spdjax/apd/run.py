@@ -67,7 +67,7 @@ def apd_run(
     schedule = make_schedule(rc.optim)
 
     def fresh_state():
-        params = init_apd(jax.random.fold_in(key, 0), target, apd.C, apd.m, apd.init_scale)
+        params = init_apd(jax.random.fold_in(key, 0), target, apd.C, apd.m, apd.init_scale, init_type=apd.init_type)
         return init_train_state(params, optimizer, jax.random.fold_in(key, 1))
 
     abstract = jax.eval_shape(fresh_state)
