@@ -310,6 +310,9 @@ def test_schedule():
                                [0.0, 1.0, 2.0 * math.cos(math.pi / 4), 2.0 * math.cos(math.pi / 4), 0.0][:2]
                                + [2.0 * math.cos(0.5 * math.pi * 10 / 100), 2.0 * math.cos(0.5 * math.pi * 0.5), 0.0],
                                atol=1e-6)
+    for kind in ("cosine", "linear"):  # never negative, also at and past the last step
+        f = make_schedule(OptimConfig(steps=20_000, lr=1e-3, schedule=kind, warmup_frac=0.05, faithfulness_warmup_steps=0))
+        assert min(float(f(t)) for t in (19_998, 19_999, 20_000, 20_001)) >= 0.0
     c = make_schedule(OptimConfig(steps=20, lr=3e-2, schedule="constant", warmup_frac=0.05, faithfulness_warmup_steps=0))
     np.testing.assert_allclose([float(c(t)) for t in (0, 1, 19)], [0.0, 3e-2, 3e-2], rtol=1e-6)
 

@@ -37,9 +37,10 @@ def make_schedule(optim: OptimConfig) -> Callable[[Any], Any]:
         if optim.schedule == "constant":
             main = jnp.full((), lr, jnp.float32)
         elif optim.schedule == "cosine":
-            main = lr * jnp.cos(0.5 * math.pi * t / denom)
+            # clamped: float32 cos(pi/2) is -4e-8, which would make the last step's lr negative
+            main = lr * jnp.maximum(jnp.cos(0.5 * math.pi * t / denom), 0.0)
         else:
-            main = lr * (1.0 - t / denom)
+            main = lr * jnp.maximum(1.0 - t / denom, 0.0)
         if W == 0:
             return main
         return jnp.where(t < W, lr * t / W, main)
