@@ -42,6 +42,21 @@ def n_alive(comps: Components, threshold: float = 0.017) -> int:
     return int(np.sum(subcomponent_norms(comps) > threshold))
 
 
+def liveness_gap(comps: Components) -> tuple[int, float]:
+    """Threshold-free liveness: `(n, ratio)`, where the sorted liveness scores `s_1 >= s_2 >= ...` have
+    their largest ratio `s_n / s_{n+1}` at n (scores <= 0 count as the smallest positive float).
+
+    A clean decomposition has a wide gap after its n real subcomponents, even when dead ones hover
+    around a fixed threshold; `ratio` says how clean (1: no gap at all).
+    """
+    s = np.sort(np.maximum(subcomponent_norms(comps), np.finfo(np.float64).tiny))[::-1]
+    if s.size < 2:
+        return int(s.size), 1.0
+    r = s[:-1] / s[1:]
+    n = int(np.argmax(r))
+    return n + 1, float(r[n])
+
+
 def alive_indices(comps: Components, threshold: float = 0.017) -> np.ndarray:
     """Indices `(n_alive,)` of the alive subcomponents, largest liveness score first."""
     norms = subcomponent_norms(comps)

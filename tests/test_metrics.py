@@ -153,6 +153,34 @@ def test_n_alive_matches_reference_and_threshold():
     np.testing.assert_allclose(metrics.subcomponent_norms(Components(V=V, U=U)), [0.02, 0.016])
 
 
+def ref_liveness_gap(V, U):
+    V, U = np.asarray(V, np.float64), np.asarray(U, np.float64)
+    scores = [sum(np.linalg.norm(U[c] * V[j, c]) for j in range(V.shape[0])) for c in range(V.shape[1])]
+    scores = sorted((max(x, np.finfo(np.float64).tiny) for x in scores), reverse=True)
+    best_n, best_r = 1, -1.0
+    for n in range(1, len(scores)):
+        if scores[n - 1] / scores[n] > best_r:
+            best_n, best_r = n, scores[n - 1] / scores[n]
+    return best_n, best_r
+
+
+def test_liveness_gap_matches_reference():
+    rng = np.random.default_rng(4)
+    # 5 real subcomponents (scale ~1) among 25 dead ones at the noise floor (~0.02, i.e. around 0.017)
+    V = np.concatenate([rng.normal(size=(8, 5)), 0.003 * rng.normal(size=(8, 25))], axis=1)
+    U = rng.normal(size=(30, 3)) * np.r_[np.ones(5), 0.3 * np.ones(25)][:, None]
+    comps = Components(V=V, U=U)
+    n, ratio = metrics.liveness_gap(comps)
+    rn, rr = ref_liveness_gap(V, U)
+    assert (n, ratio) == (rn, pytest.approx(rr, rel=1e-12))
+    assert n == 5 and ratio > 10 and metrics.n_alive(comps) > 5  # the threshold count is fooled, the gap is not
+    # exact zeros (a subcomponent pruned to 0) and the no-gap case
+    V0 = np.zeros((3, 3)); V0[0, 0] = V0[1, 1] = 1.0
+    U0 = np.zeros((3, 2)); U0[0, 0] = 2.0; U0[1, 0] = 1.0
+    assert metrics.liveness_gap(Components(V=V0, U=U0))[0] == 2
+    assert metrics.liveness_gap(Components(V=np.ones((2, 1)), U=np.ones((1, 2)))) == (1, 1.0)
+
+
 # ----------------------------------------------------------------------------- CI-L0
 
 

@@ -39,7 +39,9 @@ def make_analyze(
     """`analyze(params, target, workdir) -> flat summary dict`, writing figures into `workdir` (None: none).
 
     Keys: `mmcs`, `ml2r` (on W, the `linear1` site; also `mmcs/<site>`, `ml2r/<site>` for every primary
-    linear site), `n_alive/<site>` for every primary site and `n_alive` (their sum), `ci_l0/<site>` on
+    linear site), `n_alive/<site>` for every primary site and `n_alive` (their sum), `n_alive_gap/<site>` and
+    `liveness_gap_ratio/<site>` (threshold-free: the count above the widest gap in the sorted liveness
+    scores, and that gap's ratio; see `metrics.liveness_gap`), `ci_l0/<site>` on
     a fresh eval batch, `identity_ci_error/<site>` and `identity_ci_error` (total), `target_seed`,
     `target_n_represented`.
     """
@@ -53,6 +55,7 @@ def make_analyze(
                 mm, ml = metrics.mmcs_ml2r(kernels[s.name], comps)
                 out[f"mmcs/{s.name}"], out[f"ml2r/{s.name}"] = mm, ml
             out[f"n_alive/{s.name}"] = metrics.n_alive(comps, ALIVE_THRESHOLD)
+            out[f"n_alive_gap/{s.name}"], out[f"liveness_gap_ratio/{s.name}"] = metrics.liveness_gap(comps)
         main = "linear1" if "linear1" in params.components else next(
             (s.name for s in target.primary_sites if s.kind == "linear"), None
         )
