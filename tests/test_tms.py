@@ -258,6 +258,8 @@ def test_analyze_perfect_solution(tmp_path):
     assert out["ml2r"] == pytest.approx(1.0, abs=1e-6)
     assert out["n_alive/linear1"] == 5 and out["n_alive/linear2.pre_identity"] == 2
     assert out["n_alive"] == 7
+    assert (out["n_alive_gap/linear1"], out["n_alive_gap/linear2.pre_identity"]) == (5, 2)
+    assert out["liveness_gap_ratio/linear1"] > 1e100  # the other 15 are exactly 0
     assert out["identity_ci_error/linear1"] == 0
     assert out["identity_ci_error/linear2"] == 0
     assert out["identity_ci_error/linear2.pre_identity"] == 0
