@@ -1,6 +1,6 @@
 """Training-step benchmark: `python -m experiments.benchmark --config=configs/tms_5-2.py [--config=...]`.
 
-For each config (each in its own process, so peak memory is per config) prints: compile time, the
+SPD and APD configs alike (`configs/apd_*.py`). For each config (each in its own process, so peak memory is per config) prints: the trainable parameter count, compile time, the
 median step time and steps/s after warm-up (wall and process CPU time), peak RSS, XLA's FLOP count per
 step and the achieved FLOP/s. Targets are trained or loaded from the cache first (not timed).
 
@@ -24,23 +24,34 @@ import sys
 import time
 
 
-def bench_one(
-    config_path: str, steps: int, warmup: int, cache_dir: str, n_devices: int | None = None, mesh_model: int = 1
-) -> dict:
+def _build(cfg, cache_dir: str, n_devices: int | None, mesh_model: int):
+    """`(state, target, step, mesh)` for one config: SPD (default) or APD (`cfg.method == "apd"`)."""
     import jax
-    from ml_collections.config_flags import config_flags as cf
 
     import experiments
-    from spdjax.config import parse
-    from spdjax.decomposition import init_decomposition
     from spdjax import sharding
-    from spdjax.train import init_train_state, make_optimizer, make_train_step
+    from spdjax.config import parse
+    from spdjax.train import init_train_state
 
-    path, _, arg = config_path.partition(":")
-    module = cf._LoadConfigModule("bench_config", path)  # noqa: SLF001
-    cfg = module.get_config(arg) if arg else module.get_config()
     rc = parse(cfg)
     exp = experiments.build(rc, cache_dir)
+    if cfg.get("method", "spd") == "apd":
+        if n_devices is not None:
+            raise ValueError("--devices: APD steps are not sharded; benchmark APD configs without --devices")
+        from spdjax.apd import train as apd_train
+        from spdjax.apd.components import init_apd
+        from spdjax.apd.config import apd_config_from
+
+        apd = apd_config_from(rc.apd)
+        apd_train.check_optim(rc.optim)
+        opt = apd_train.make_optimizer(rc.optim)
+        params = init_apd(jax.random.key(0), exp.target, apd.C, apd.m, apd.init_scale, init_type=apd.init_type)
+        state = init_train_state(params, opt, jax.random.key(1))
+        return state, exp.target, apd_train.make_train_step(apd, opt, exp.batch_fn), None
+
+    from spdjax.decomposition import init_decomposition
+    from spdjax.train import make_optimizer, make_train_step
+
     params = init_decomposition(jax.random.key(0), exp.target, rc.ci_type, rc.ci_hidden)
     opt = make_optimizer(rc.optim)
     state = init_train_state(params, opt, jax.random.key(1))
@@ -51,7 +62,20 @@ def bench_one(
         shardings = sharding.state_shardings(state, mesh)
         state = sharding.place(state, shardings)
         target = sharding.place(target, sharding.replicated(mesh))
-    step = make_train_step(rc.loss, opt, rc.optim.steps, exp.batch_fn, mesh=mesh, shardings=shardings)
+    return state, target, make_train_step(rc.loss, opt, rc.optim.steps, exp.batch_fn, mesh=mesh, shardings=shardings), mesh
+
+
+def bench_one(
+    config_path: str, steps: int, warmup: int, cache_dir: str, n_devices: int | None = None, mesh_model: int = 1
+) -> dict:
+    import jax
+    from ml_collections.config_flags import config_flags as cf
+
+    path, _, arg = config_path.partition(":")
+    module = cf._LoadConfigModule("bench_config", path)  # noqa: SLF001
+    cfg = module.get_config(arg) if arg else module.get_config()
+    state, target, step, mesh = _build(cfg, cache_dir, n_devices, mesh_model)
+    n_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
 
     t0 = time.perf_counter()
     compiled = step.lower(state, target).compile()
@@ -74,6 +98,8 @@ def bench_one(
     med = statistics.median(wall)
     return {
         "config": config_path,
+        "method": cfg.get("method", "spd"),
+        "n_params": n_params,
         "compile_s": compile_s,
         "step_ms_median": med * 1e3,
         "step_ms_min": min(wall) * 1e3,
@@ -119,7 +145,7 @@ def main() -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         where = "" if n is None else f" [{n} device(s), mesh {r['mesh']}]"
         print(
-            f"{r['config']}{where}: {r['steps_per_s']:.1f} steps/s (median {r['step_ms_median']:.2f} ms, "
+            f"{r['config']}{where} [{r['method']}, {r['n_params']} params]: {r['steps_per_s']:.1f} steps/s (median {r['step_ms_median']:.2f} ms, "
             f"min {r['step_ms_min']:.2f} ms, cpu {r['step_cpu_ms_median']:.2f} ms), compile {r['compile_s']:.2f} s, "
             f"peak RSS {r['peak_rss_mib']:.0f} MiB, {r['gflop_per_step']:.3f} GFLOP/step, "
             f"{r['achieved_gflop_s']:.2f} GFLOP/s"

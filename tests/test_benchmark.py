@@ -1,0 +1,21 @@
+"""The benchmark script measures SPD and APD steps (one in-process call each, tiny configs)."""
+
+import jax
+import pytest
+
+from experiments.benchmark import bench_one
+
+
+@pytest.mark.parametrize("config", ["configs/tms_5-2.py:smoke", "configs/apd_tms_5-2.py:smoke"])
+def test_bench_one(tmp_path, config):
+    r = bench_one(config, steps=3, warmup=1, cache_dir=str(tmp_path))
+    assert r["method"] == ("apd" if "apd_" in config else "spd")
+    # 5-2 smoke: SPD has U, V per site plus CI MLPs; APD has A, B per component; both are > 0 and small
+    assert 0 < r["n_params"] < 100_000
+    assert r["step_ms_median"] > 0 and r["steps_per_s"] == pytest.approx(1e3 / r["step_ms_median"])
+    assert r["gflop_per_step"] > 0 and r["peak_rss_mib"] > 0 and r["compile_s"] > 0
+
+
+def test_bench_apd_refuses_devices(tmp_path):
+    with pytest.raises(ValueError, match="APD steps are not sharded"):
+        bench_one("configs/apd_tms_5-2.py:smoke", steps=1, warmup=0, cache_dir=str(tmp_path), n_devices=len(jax.devices()))
