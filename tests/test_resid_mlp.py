@@ -313,3 +313,26 @@ def test_identity_ci_error_perfect_two_layers():
     g2 = g.copy()
     g2[1, 1], g2[1, 0] = 0.0, 1.0
     assert analysis.n_features_with_own_subcomponent(g2) == 2
+    # the dense W_out blocks above (V = ones) are not in the neuron basis
+    assert out["w_out_neuron_basis/layers.0.mlp_out/aligned"] == 0
+    assert out["w_out_neuron_basis/layers.1.mlp_out/neurons"] == 0
+
+
+def test_w_out_neuron_basis():
+    """Hand-made W_out site with d_mlp = 3 neurons and C = 5 subcomponents on n_f = 4 one-hot inputs."""
+    V = np.zeros((3, 5))
+    V[0, 0], V[1, 1] = 2.0, -1.0  # neuron-aligned: neurons 0 and 1
+    V[:, 2] = [1.0, 1.0, 0.0]  # dense (share 0.71)
+    V[2, 3], V[0, 3] = 1.0, 0.2  # share 1/sqrt(1.04) = 0.98: aligned with neuron 2
+    V[2, 4] = 1.0  # aligned, but never in the top k (no CI mass)
+    hidden = np.array([[1.0, 0.0, 0.5], [0.0, 2.0, 0.0], [0.3, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    ci = np.zeros((4, 5))
+    ci[:, 0] = [1.0, 0.0, 0.5, 0.0]  # on exactly when neuron 0 fires
+    ci[:, 1] = [0.0, 1.0, 0.0, 0.3]  # fires on input 1; CI 0.3 on input 3 while silent: one error
+    ci[:, 2] = [1.0, 1.0, 1.0, 1.0]  # the dense one: not counted in the neuron basis
+    ci[:, 3] = [0.05, 0.0, 0.0, 0.0]  # neuron 2 fires on input 0, CI below tol
+    out = analysis.w_out_neuron_basis(V, ci, hidden, k=4, tol=0.1)
+    assert out == {"aligned": 3, "neurons": 3, "ci_on_silent": 1, "ci_on_firing": 3, "firing": 4}
+    # k = 2 keeps the two largest CI masses (columns 2 and 0): one aligned subcomponent
+    assert analysis.w_out_neuron_basis(V, ci, hidden, k=2) == {
+        "aligned": 1, "neurons": 1, "ci_on_silent": 0, "ci_on_firing": 2, "firing": 2}

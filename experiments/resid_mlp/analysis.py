@@ -4,6 +4,10 @@ Expected solution (toy_models.md): every feature i has its own W_in subcomponent
 and ~0 elsewhere), spread over the layers in multi-layer models; the W_out subcomponents of each layer
 form one dense block of d_mlp subcomponents active on every feature; the neuron contributions of each
 feature's W_in subcomponent match the target's.
+
+A W_out block can instead come out in the neuron basis (one rank-one subcomponent per ReLU neuron,
+active only when its neuron fires): as faithful, and cheaper under the minimality term, but not the
+dense pattern IdentityCIError scores. `w_out_neuron_basis` measures how close a W_out site is to it.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments.resid_mlp.model import neuron_contributions
 from spdjax import metrics, plots
 from spdjax.decomposition import SPDParams
+from spdjax.losses import clean_forward
 from spdjax.targets.base import Target
 
 ONE_HOT_VALUE = 0.75
@@ -40,6 +46,33 @@ def n_features_with_own_subcomponent(ci, threshold: float = OWN_W_IN_CI) -> int:
     counts = np.bincount(best, minlength=ci.shape[1])
     own = (ci[np.arange(ci.shape[0]), best] >= threshold) & (counts[best] == 1)
     return int(own.sum())
+
+
+NEURON_ALIGNED = 0.95  # a W_out subcomponent is neuron-aligned when max_j |V_jc| / ||V_c|| >= this
+
+
+def w_out_neuron_basis(V, ci, hidden, k: int, tol: float = CI_TOL) -> dict[str, int]:
+    """How far a W_out site is in the neuron basis, on one-hot inputs.
+
+    V `(d_mlp, C)`: the site's V (its input is the hidden activation); ci `(n_f, C)`: CI on the one-hot
+    inputs; hidden `(n_f, d_mlp)`: the target's hidden activations on the same inputs. Among the `k`
+    subcomponents with the largest CI mass: `aligned` (max_j |V_jc| / ||V_c|| >= NEURON_ALIGNED),
+    `neurons` (distinct neurons argmax_j |V_jc| of the aligned ones), and over the (feature, aligned
+    subcomponent) pairs `ci_on_silent` (CI > tol while the neuron is off, h = 0: an error in this basis)
+    and `ci_on_firing` (CI > tol while it fires), `firing` (pairs with h > 0).
+    """
+    V, ci, hidden = (np.asarray(a, np.float64) for a in (V, ci, hidden))
+    top = np.argsort(-ci.sum(0), kind="stable")[:k]
+    Vt = V[:, top]
+    norms = np.linalg.norm(Vt, axis=0)
+    share = np.divide(np.abs(Vt).max(0), norms, out=np.zeros_like(norms), where=norms > 0)
+    aligned = share >= NEURON_ALIGNED
+    neuron = np.abs(Vt).argmax(0)[aligned]
+    fires = hidden[:, neuron] > 0  # (n_f, n_aligned)
+    g = ci[:, top[aligned]] > tol
+    return {"aligned": int(aligned.sum()), "neurons": int(len(set(neuron.tolist()))),
+            "ci_on_silent": int((g & ~fires).sum()), "ci_on_firing": int((g & fires).sum()),
+            "firing": int(fires.sum())}
 
 
 def spd_neuron_contributions(W_E, V_in, U_in, W_out_kernel) -> np.ndarray:
@@ -93,7 +126,8 @@ def make_analyze(
     `ci_l0/layers.*.mlp_in` (sum over the W_in sites) and `ci_l0_expected/<site>` next to the measured
     values (W_out sites and the W_in total); `feature_recon_mse/mean`, `/max` (per feature i, the MSE of
     the CI-masked model vs the target on 0.75 e_i; figure `feature_recon_error.png`);
-    `target_seed`, `target_final_loss`. `weights`: the target's `W_E`, `W_in`, `W_out` (stacked layout).
+    `w_out_neuron_basis/<W_out site>/{aligned,neurons,ci_on_silent,ci_on_firing,firing}` (see
+    `w_out_neuron_basis`, k = d_mlp); `target_seed`, `target_final_loss`. `weights`: the target's `W_E`, `W_in`, `W_out` (stacked layout).
     """
     weights = {k: np.asarray(weights[k], np.float64) for k in ("W_E", "W_in", "W_out")}
 
@@ -129,8 +163,12 @@ def make_analyze(
             if g.shape[1] >= n_features:
                 scored.append((key, g, "identity", None))
             out["n_features_with_own_w_in"] = n_features_with_own_subcomponent(g)
+        if w_out:
+            _, hidden = clean_forward(target, jnp.eye(n_features, dtype=jnp.float32) * ONE_HOT_VALUE)
         for name in w_out:
             panels[name], patterns[name] = ci[name], "dense"
+            basis = w_out_neuron_basis(params.components[name].V, ci[name], hidden[name], d_mlp)
+            out.update({f"w_out_neuron_basis/{name}/{k}": v for k, v in basis.items()})
             if ci[name].shape[1] >= d_mlp:
                 scored.append((name, ci[name], "dense", d_mlp))
         for tol, suffix in ((CI_TOL, ""), (0.2, "_tol0.2")):
