@@ -316,6 +316,10 @@ def test_identity_ci_error_perfect_two_layers():
     # the dense W_out blocks above (V = ones) are not in the neuron basis
     assert out["w_out_neuron_basis/layers.0.mlp_out/aligned"] == 0
     assert out["w_out_neuron_basis/layers.1.mlp_out/neurons"] == 0
+    # W_out = 0 keeps the residual stream at x W_E, so layer 1's hidden input is ReLU(x W_E W_in[1])
+    x = np.asarray(train_target.sample_features(jax.random.fold_in(jax.random.PRNGKey(0), 0x7E57), 64, n_f, 0.1))
+    firing = ((x @ W_E @ W_in[1]) > 0).sum(-1).mean()
+    assert out["w_out_firing_l0/layers.1.mlp_out"] == pytest.approx(firing)
 
 
 def test_w_out_neuron_basis():

@@ -127,7 +127,8 @@ def make_analyze(
     values (W_out sites and the W_in total); `feature_recon_mse/mean`, `/max` (per feature i, the MSE of
     the CI-masked model vs the target on 0.75 e_i; figure `feature_recon_error.png`);
     `w_out_neuron_basis/<W_out site>/{aligned,neurons,ci_on_silent,ci_on_firing,firing}` (see
-    `w_out_neuron_basis`, k = d_mlp); `target_seed`, `target_final_loss`. `weights`: the target's `W_E`, `W_in`, `W_out` (stacked layout).
+    `w_out_neuron_basis`, k = d_mlp) and `w_out_firing_l0/<W_out site>` (held-out batch: mean number of
+    the target's neurons with h > 0, the CI-L0 of a W_out block in the neuron basis); `target_seed`, `target_final_loss`. `weights`: the target's `W_E`, `W_in`, `W_out` (stacked layout).
     """
     weights = {k: np.asarray(weights[k], np.float64) for k in ("W_E", "W_in", "W_out")}
 
@@ -144,8 +145,12 @@ def make_analyze(
         for name, g in metrics.batch_ci(params, target, batch, sigmoid).items():
             out[f"ci_l0/{name}"] = metrics.ci_l0(g, ci_l0_threshold)
         expected = expected_ci_l0(n_features, d_mlp, feature_prob)
+        if w_out:
+            _, batch_inputs = clean_forward(target, batch)
         for name in w_out:
             out[f"ci_l0_expected/{name}"] = expected["w_out_per_layer"]
+            h = np.asarray(batch_inputs[name])
+            out[f"w_out_firing_l0/{name}"] = float((h > 0).reshape(-1, h.shape[-1]).sum(-1).mean())
         if w_in:
             total_key = w_in[0] if len(w_in) == 1 else W_IN_GROUP
             if len(w_in) > 1:
