@@ -1,7 +1,7 @@
 """Training-step benchmark: `python -m experiments.benchmark --config=configs/tms_5-2.py [--config=...]`.
 
-SPD and APD configs alike (`configs/apd_*.py`). For each config (each in its own process, so peak memory is per config) prints: the trainable parameter count, compile time, the
-median step time and steps/s after warm-up (wall and process CPU time), peak RSS, XLA's FLOP count per
+SPD and APD configs alike (`configs/apd_*.py`). For each config (each in its own process, so peak
+memory is per config) prints: the trainable parameter count, compile time, the median step time and steps/s after warm-up (wall and process CPU time), peak RSS, XLA's FLOP count per
 step and the achieved FLOP/s. Targets are trained or loaded from the cache first (not timed).
 
 `--devices=1,8` runs each config once per device count, sharded over a `(data, model)` mesh of that

@@ -29,6 +29,7 @@ ONE_HOT_VALUE = 0.75
 ALIVE_THRESHOLD = 0.017
 CI_TOL = 0.1
 OWN_W_IN_CI = 0.9  # n_features_with_own_w_in: the feature's best W_in subcomponent has CI >= this
+NEURON_ALIGNED = 0.95  # a W_out subcomponent is neuron-aligned when max_j |V_jc| / ||V_c|| >= this
 W_IN_GROUP = "layers.*.mlp_in"  # key of the concatenated W_in sites in multi-layer models
 
 
@@ -46,9 +47,6 @@ def n_features_with_own_subcomponent(ci, threshold: float = OWN_W_IN_CI) -> int:
     counts = np.bincount(best, minlength=ci.shape[1])
     own = (ci[np.arange(ci.shape[0]), best] >= threshold) & (counts[best] == 1)
     return int(own.sum())
-
-
-NEURON_ALIGNED = 0.95  # a W_out subcomponent is neuron-aligned when max_j |V_jc| / ||V_c|| >= this
 
 
 def w_out_neuron_basis(V, ci, hidden, k: int, tol: float = CI_TOL) -> dict[str, int]:
@@ -128,7 +126,8 @@ def make_analyze(
     the CI-masked model vs the target on 0.75 e_i; figure `feature_recon_error.png`);
     `w_out_neuron_basis/<W_out site>/{aligned,neurons,ci_on_silent,ci_on_firing,firing}` (see
     `w_out_neuron_basis`, k = d_mlp) and `w_out_firing_l0/<W_out site>` (held-out batch: mean number of
-    the target's neurons with h > 0, the CI-L0 of a W_out block in the neuron basis); `target_seed`, `target_final_loss`. `weights`: the target's `W_E`, `W_in`, `W_out` (stacked layout).
+    the target's neurons with h > 0, the CI-L0 of a W_out block in the neuron basis); `target_seed`,
+    `target_final_loss`. `weights`: the target's `W_E`, `W_in`, `W_out` (stacked layout).
     """
     weights = {k: np.asarray(weights[k], np.float64) for k in ("W_E", "W_in", "W_out")}
 
@@ -145,8 +144,9 @@ def make_analyze(
         for name, g in metrics.batch_ci(params, target, batch, sigmoid).items():
             out[f"ci_l0/{name}"] = metrics.ci_l0(g, ci_l0_threshold)
         expected = expected_ci_l0(n_features, d_mlp, feature_prob)
-        if w_out:
+        if w_out:  # the target's hidden activations (W_out inputs) on the batch and on the one-hot inputs
             _, batch_inputs = clean_forward(target, batch)
+            _, hidden = clean_forward(target, jnp.eye(n_features, dtype=jnp.float32) * ONE_HOT_VALUE)
         for name in w_out:
             out[f"ci_l0_expected/{name}"] = expected["w_out_per_layer"]
             h = np.asarray(batch_inputs[name])
@@ -168,8 +168,6 @@ def make_analyze(
             if g.shape[1] >= n_features:
                 scored.append((key, g, "identity", None))
             out["n_features_with_own_w_in"] = n_features_with_own_subcomponent(g)
-        if w_out:
-            _, hidden = clean_forward(target, jnp.eye(n_features, dtype=jnp.float32) * ONE_HOT_VALUE)
         for name in w_out:
             panels[name], patterns[name] = ci[name], "dense"
             basis = w_out_neuron_basis(params.components[name].V, ci[name], hidden[name], d_mlp)
