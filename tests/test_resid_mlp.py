@@ -340,3 +340,46 @@ def test_w_out_neuron_basis():
     # k = 2 keeps the two largest CI masses (columns 2 and 0): one aligned subcomponent
     assert analysis.w_out_neuron_basis(V, ci, hidden, k=2) == {
         "aligned": 1, "neurons": 1, "ci_on_silent": 0, "ci_on_firing": 2, "firing": 2}
+
+
+# ----------------------------------------------------------------------------- hand-built W_out bases
+
+
+def test_w_out_basis_construction():
+    """experiments.resid_mlp.w_out_basis: the gate is clip(k|h|, 0, 1) (NumPy reference), unused
+    subcomponents get CI 0, both hand-built decompositions reproduce the target with every mask at 1,
+    and the neuron basis is sparser than the dense block on the same inputs."""
+    from experiments.resid_mlp import w_out_basis
+    from spdjax.ci import ci_raw
+    from spdjax.losses import clean_forward, masked_forward
+    from spdjax.masks import ones_masks
+
+    w = tiny_weights(n_f=6, d=16, m=4, L=1)
+    model = resid_mlp.resid_mlp_from_weights(w["W_E"], w["W_in"], w["W_out"])
+    target = spdjax.from_nnx(model, sites=[("layers.*.mlp_in", 8), ("layers.*.mlp_out", 5)])
+    k = 7.0
+    gate = w_out_basis.clip_abs_gate(5, np.arange(5) < 3, k, H=6)
+    h = np.linspace(-0.5, 0.5, 41)
+    spec = target.site("layers.0.mlp_out")
+    from spdjax.components import Components
+
+    comp = Components(V=jnp.eye(4, 5), U=jnp.zeros((5, 16)))
+    a = np.zeros((41, 4), np.float32)
+    a[:, :3] = h[:, None]
+    z = np.asarray(ci_raw(gate, spec, jnp.asarray(a), comp))
+    np.testing.assert_allclose(z[:, :3], np.clip(k * np.abs(h), 0, 1)[:, None].repeat(3, 1), atol=4 * 0.17 / w_out_basis.SHARP)
+    np.testing.assert_array_equal(z[:, 3:], -1.0)
+
+    x = train_target.sample_features(jax.random.PRNGKey(1), 64, 6, 0.3)
+    out, inputs = clean_forward(target, x)
+    l0 = {}
+    for basis in ("neuron", "dense"):
+        params = w_out_basis.build_params(target, w, basis, k=1000.0, H=16)
+        ci = {s.name: ci_raw(params.ci[s.name], s, inputs[s.name], params.components[s.name]) for s in target.sites}
+        pred = masked_forward(params, target, x, ones_masks(ci, use_delta=False))
+        np.testing.assert_allclose(pred, out, atol=2e-4)
+        l0[basis] = float(jnp.mean(jnp.sum(ci["layers.0.mlp_out"] > 0.1, axis=-1)))
+        np.testing.assert_allclose(  # W_in: CI 1 exactly on the active features
+            np.asarray(ci["layers.0.mlp_in"])[:, :6] > 0.5, np.asarray(x) != 0
+        )
+    assert l0["neuron"] < l0["dense"]
