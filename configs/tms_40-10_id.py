@@ -1,7 +1,8 @@
-"""TMS 40-10 +ID: the SPD recipe of toy_models.md. `:smoke` shrinks it to run in seconds on CPU."""
+"""TMS 40-10 +ID: the SPD recipe of toy_models.md. `:smoke` shrinks it to run in seconds on CPU;
+`:paper` is the paper's Table 1 recipe (no delta, faithfulness 1, 40k steps), e.g. `:paper,smoke`."""
 
-from experiments.tms import tms_config
+from experiments.tms import config_args, tms_config
 
 
 def get_config(arg=None):
-    return tms_config(40, 10, identity=True, smoke=arg == "smoke")
+    return tms_config(40, 10, identity=True, **config_args(arg, "tms_40-10_id"))

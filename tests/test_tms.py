@@ -268,3 +268,20 @@ def test_analyze_perfect_solution(tmp_path):
     assert 0.0 < out["ci_l0/linear1"] < 0.25  # features active with value > 0.5 only
     assert out["target_seed"] == 7
     assert (tmp_path / "ci_one_hot.png").exists()
+
+
+@pytest.mark.parametrize("name", ["tms_5-2", "tms_5-2_id", "tms_40-10", "tms_40-10_id"])
+def test_paper_recipe_variant(name):
+    """`:paper`: the paper's Table 1 recipe (faithfulness 1, no delta, no warm-up, 40k steps); the rest
+    of the config equals the default recipe's; unknown arguments are refused."""
+    main, paper = parse(load_config(name)), parse(load_config(name, "paper"))
+    assert paper.loss.coeff_dict == {"faithfulness": 1.0, **main.loss.coeff_dict}
+    assert not paper.loss.use_delta_component and main.loss.use_delta_component
+    assert (paper.optim.steps, paper.optim.faithfulness_warmup_steps) == (40_000, 0)
+    same = lambda r: (r.sites, r.identity, r.tied, r.target, r.batch_size, r.loss.pnorm, r.optim.lr, r.optim.schedule)  # noqa: E731
+    assert same(paper) == same(main)
+    smoke = parse(load_config(name, "paper,smoke"))
+    assert smoke.optim.steps <= 50 and smoke.optim.faithfulness_warmup_steps == 0
+    assert not smoke.loss.use_delta_component
+    with pytest.raises(ValueError, match="unknown argument 'papr'"):
+        load_config(name, "papr")

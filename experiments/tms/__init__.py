@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import ml_collections
+
 
 import spdjax
 from spdjax.config import run_config as spd_run_config
@@ -32,6 +34,7 @@ __all__ = [
     "load_or_train",
     "represented_features",
     "sample_features",
+    "config_args",
     "tms_config",
     "tms_forward",
     "tms_from_weights",
@@ -81,13 +84,25 @@ def flat_info(info: dict) -> dict:
     return out
 
 
-def tms_config(n_features: int, n_hidden: int, identity: bool = False, smoke: bool = False):
+RECIPES = ("main", "paper")
+
+
+def tms_config(
+    n_features: int, n_hidden: int, identity: bool = False, smoke: bool = False, recipe: str = "main"
+):
     """Run config (layout: spdjax/config.py) with the SPD recipe of toy_models.md for TMS n_f-n_h.
 
     C = 20 (5-2) or 200 (40-10) per site; minimality 3e-3 with p=1 (5-2) or 1e-4 with p=2 (40-10).
     `identity` inserts and decomposes the hidden identity (+ID). `smoke` shrinks everything to run in
     seconds on a CPU (and accepts a target that drops features).
+
+    `recipe="main"` (default) is the spec's (reference-main) recipe: delta component, 200-step
+    faithfulness warm-up, stochastic + layerwise recon + minimality, 10k steps. `recipe="paper"` is the
+    recipe of the paper's Table 1 runs (the reference's configs of that time): no delta component, no
+    warm-up, faithfulness 1 in the loss, 40k steps; everything else the same.
     """
+    if recipe not in RECIPES:
+        raise ValueError(f"tms: recipe must be one of {list(RECIPES)}, got {recipe!r}")
     small = n_features <= 5
     C = 20 if small else 200
     cfg = spd_run_config(
@@ -122,9 +137,24 @@ def tms_config(n_features: int, n_hidden: int, identity: bool = False, smoke: bo
         schedule="cosine",
         batch_size=4096,
     )
+    if recipe == "paper":
+        cfg.loss.coeffs = ml_collections.ConfigDict(dict(faithfulness=1.0, **cfg.loss.coeffs.to_dict()))
+        cfg.loss.use_delta_component = False
+        cfg.optim.steps = 40_000
     if smoke:
         cfg.target.steps = 300
         cfg.target.batch_size = 256
         cfg.target.require_all_features = False
         shrink_for_smoke(cfg, steps=30, every=10)
+    if recipe == "paper":
+        cfg.optim.faithfulness_warmup_steps = 0
     return cfg
+
+
+def config_args(arg, name: str) -> dict:
+    """`get_config` arguments of configs/tms_*.py: comma-separated `smoke` and/or `paper`."""
+    parts = [p.strip() for p in str(arg or "").split(",") if p.strip()]
+    unknown = [p for p in parts if p not in ("smoke", "paper")]
+    if unknown:
+        raise ValueError(f"configs/{name}.py: unknown argument {unknown[0]!r}; allowed: smoke, paper (e.g. ':paper,smoke')")
+    return dict(smoke="smoke" in parts, recipe="paper" if "paper" in parts else "main")
