@@ -12,7 +12,6 @@ from pathlib import Path
 
 import ml_collections
 
-
 import spdjax
 from spdjax.config import run_config as spd_run_config
 from spdjax.config import shrink_for_smoke
@@ -31,10 +30,10 @@ __all__ = [
     "TMS",
     "TMSTargetConfig",
     "build",
+    "config_args",
     "load_or_train",
     "represented_features",
     "sample_features",
-    "config_args",
     "tms_config",
     "tms_forward",
     "tms_from_weights",
