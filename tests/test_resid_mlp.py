@@ -361,8 +361,6 @@ def test_w_out_basis_construction():
     gate = w_out_basis.clip_abs_gate(5, np.arange(5) < 3, k, H=6)
     h = np.linspace(-0.5, 0.5, 41)
     spec = target.site("layers.0.mlp_out")
-    from spdjax.components import Components
-
     comp = Components(V=jnp.eye(4, 5), U=jnp.zeros((5, 16)))
     a = np.zeros((41, 4), np.float32)
     a[:, :3] = h[:, None]
