@@ -97,10 +97,11 @@ def evaluate(cfg_path: str, n_batches: int, k: float, cache_dir: str) -> dict[st
     path, _, arg = cfg_path.partition(":")
     module = cf._LoadConfigModule("w_out_basis_config", path)  # noqa: SLF001
     rc = parse(module.get_config(arg) if arg else module.get_config())
-    if ResidMLPTargetConfig.from_section(rc.target).n_layers != 1:
+    tcfg = ResidMLPTargetConfig.from_section(rc.target)
+    if tcfg.n_layers != 1:
         raise ValueError("w_out_basis: 1-layer ResidMLP configs only")
     exp = experiments.build(rc, cache_dir)
-    weights, _ = load_or_train(ResidMLPTargetConfig.from_section(rc.target), cache_dir)
+    weights, _ = load_or_train(tcfg, cache_dir)  # a cache hit: build() trained or loaded it; W_E is no site
     loss_cfg = rc.loss
     f = jax.jit(lambda p, b, key: loss_fn(p, exp.target, b, key, loss_cfg)[1])
     results = {}

@@ -145,7 +145,7 @@ def tms_config(
         cfg.target.batch_size = 256
         cfg.target.require_all_features = False
         shrink_for_smoke(cfg, steps=30, every=10)
-    if recipe == "paper":
+    if recipe == "paper":  # after the smoke shrink, which sets a short warm-up of its own
         cfg.optim.faithfulness_warmup_steps = 0
     return cfg
 
