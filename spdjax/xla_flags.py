@@ -3,7 +3,13 @@
 `--xla_cpu_enable_concurrency_optimized_scheduler=false`: XLA:CPU's default scheduler interleaves
 independent work (e.g. the CI functions of different sites) so their large temporaries are live at
 once; on a 2-core machine that made one TMS 5-2 training step 2-3x slower than running them one
-after another. The flag only affects the CPU backend.
+after another.
+
+`--xla_cpu_experimental_ynn_fusion_type=`: switches off XLA:CPU's experimental YNNPACK fusions. They
+materialise full-size broadcasts around every reduction, so the (batch, C, hidden) CI-MLP temporaries
+went through memory several extra times: with them off one resid_mlp:2 step went from 1.22 s to 0.82 s
+and the CI-only part of tms_40-10_id from ~370 ms to ~140 ms (2026-12-03, with the chunked CI-MLP
+backward of `spdjax.ci`). Both flags only affect the CPU backend.
 
 Nothing is changed when `XLA_FLAGS` already mentions the flag, or when `SPDJAX_NO_XLA_FLAGS=1`.
 Flags set after JAX has initialised its CPU backend have no effect (import spdjax first).
@@ -13,7 +19,10 @@ from __future__ import annotations
 
 import os
 
-CPU_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
+CPU_FLAGS = (
+    "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+    "--xla_cpu_experimental_ynn_fusion_type=",
+)
 
 
 def apply() -> None:
