@@ -168,3 +168,19 @@ def test_missing_required_field_is_a_value_error_naming_it(field):
     del cfg[field]
     with pytest.raises(ValueError, match=field):
         config_lib.parse(cfg)
+
+
+def test_xla_flags_only_for_checked_jaxlib_versions(monkeypatch):
+    import os
+
+    from spdjax import xla_flags
+
+    monkeypatch.delenv("SPDJAX_NO_XLA_FLAGS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    xla_flags.apply(version=(0, 10, 1))
+    flags = os.environ["XLA_FLAGS"]
+    assert "--xla_dump_to=/tmp/x" in flags and "concurrency_optimized_scheduler=false" in flags
+    assert "ynn_fusion_type" not in flags
+    xla_flags.apply(version=(0, 10, 2))
+    flags = os.environ["XLA_FLAGS"]
+    assert flags.count("ynn_fusion_type") == 1 and flags.count("concurrency_optimized_scheduler") == 1
