@@ -67,11 +67,17 @@ def gelu(x: Array) -> Array:
     return x * (0.5 + 0.5 * jax.lax.erf(x * _INV_SQRT2))
 
 
+def _gelu_parts(x: Array) -> tuple[Array, Array]:
+    """(Phi(x), GELU'(x) = Phi(x) + x phi(x))."""
+    cdf = 0.5 + 0.5 * jax.lax.erf(x * _INV_SQRT2)
+    return cdf, cdf + x * jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
 @gelu.defjvp
 def _gelu_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
-    cdf = 0.5 + 0.5 * jax.lax.erf(x * _INV_SQRT2)
-    return x * cdf, (cdf + x * jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI) * t
+    cdf, d = _gelu_parts(x)
+    return x * cdf, d * t
 
 
 _gelu = gelu
@@ -96,9 +102,9 @@ BWD_CHUNK_ELEMS = 1 << 19
 def _scalar_mlp_grads(w1, b1, w2, h, dz):
     """(dw1, db1, dw2, dh) for flat h, dz: (N, C), all N rows at once."""
     pre = h[..., None] * w1 + b1
-    cdf = 0.5 + 0.5 * jax.lax.erf(pre * _INV_SQRT2)
+    cdf, d = _gelu_parts(pre)
     dzb = dz[..., None]
-    g = dzb * w2 * (cdf + pre * jnp.exp(-0.5 * pre * pre) * _INV_SQRT_2PI)
+    g = dzb * w2 * d
     return (
         jnp.sum(g * h[..., None], 0),
         jnp.sum(g, 0),
