@@ -285,3 +285,21 @@ def test_paper_recipe_variant(name):
     assert not smoke.loss.use_delta_component
     with pytest.raises(ValueError, match="unknown argument 'papr'"):
         load_config(name, "papr")
+
+
+def test_reference_recipe_variant():
+    """`:reference` (40-10 +ID only): the later PyTorch-reference recipe; other TMS configs refuse it,
+    and two recipes at once are refused."""
+    main, ref = parse(load_config("tms_40-10_id")), parse(load_config("tms_40-10_id", "reference"))
+    assert ref.loss.coeff_dict == {"pgd_recon_subset": 1.0, "importance_minimality": 3e-5}
+    assert (ref.ci_type, ref.ci_hidden) == ("shared_mlp", (200,))
+    assert (ref.loss.pgd_init, ref.loss.pgd_n_steps, ref.loss.pgd_step_size) == ("random", 2, 0.5)
+    assert ref.loss.pgd_mask_scope == "per_example" and ref.loss.use_delta_component
+    assert ref.optim.steps == 20_000 and ref.optim.faithfulness_warmup_steps == 200
+    same = lambda r: (r.sites, r.identity, r.tied, r.target, r.batch_size, r.loss.pnorm, r.optim.lr, r.optim.schedule)  # noqa: E731
+    assert same(ref) == same(main)
+    assert parse(load_config("tms_40-10_id", "reference,smoke")).optim.steps <= 50
+    with pytest.raises(ValueError, match="40-10 \\+ID only"):
+        load_config("tms_40-10", "reference")
+    with pytest.raises(ValueError, match="at most one recipe"):
+        load_config("tms_40-10_id", "paper,reference")

@@ -83,7 +83,7 @@ def flat_info(info: dict) -> dict:
     return out
 
 
-RECIPES = ("main", "paper")
+RECIPES = ("main", "paper", "reference")
 
 
 def tms_config(
@@ -98,10 +98,15 @@ def tms_config(
     `recipe="main"` (default) is the spec's (reference-main) recipe: delta component, 200-step
     faithfulness warm-up, stochastic + layerwise recon + minimality, 10k steps. `recipe="paper"` is the
     recipe of the paper's Table 1 runs (the reference's configs of that time): no delta component, no
-    warm-up, faithfulness 1 in the loss, 40k steps; everything else the same.
+    warm-up, faithfulness 1 in the loss, 40k steps; everything else the same. `recipe="reference"` (40-10
+    +ID only) is a later PyTorch-reference recipe for that model: CI `shared_mlp` with 200 hidden,
+    minimality 3e-5 (p=2), PGD-recon-subset 1 as the only recon term (random init, 2 steps of size
+    0.5, masks per example), delta component and warm-up, 20k steps.
     """
     if recipe not in RECIPES:
         raise ValueError(f"tms: recipe must be one of {list(RECIPES)}, got {recipe!r}")
+    if recipe == "reference" and (n_features, n_hidden, identity) != (40, 10, True):
+        raise ValueError(f"tms: recipe 'reference' exists for 40-10 +ID only, got {n_features}-{n_hidden} identity={identity}")
     small = n_features <= 5
     C = 20 if small else 200
     cfg = spd_run_config(
@@ -140,6 +145,12 @@ def tms_config(
         cfg.loss.coeffs = ml_collections.ConfigDict(dict(faithfulness=1.0, **cfg.loss.coeffs.to_dict()))
         cfg.loss.use_delta_component = False
         cfg.optim.steps = 40_000
+    if recipe == "reference":
+        cfg.ci.type, cfg.ci.hidden = "shared_mlp", (200,)
+        cfg.loss.coeffs = ml_collections.ConfigDict(dict(pgd_recon_subset=1.0, importance_minimality=3e-5))
+        cfg.loss.pgd_init, cfg.loss.pgd_n_steps, cfg.loss.pgd_step_size = "random", 2, 0.5
+        cfg.loss.pgd_mask_scope = "per_example"
+        cfg.optim.steps = 20_000
     if smoke:
         cfg.target.steps = 300
         cfg.target.batch_size = 256
@@ -151,9 +162,14 @@ def tms_config(
 
 
 def config_args(arg, name: str) -> dict:
-    """`get_config` arguments of configs/tms_*.py: comma-separated `smoke` and/or `paper`."""
+    """`get_config` arguments of configs/tms_*.py: comma-separated `smoke` and at most one recipe
+    (`paper`, `reference`), e.g. `:paper,smoke`."""
     parts = [p.strip() for p in str(arg or "").split(",") if p.strip()]
-    unknown = [p for p in parts if p not in ("smoke", "paper")]
+    allowed = ("smoke",) + RECIPES[1:]
+    unknown = [p for p in parts if p not in allowed]
     if unknown:
-        raise ValueError(f"configs/{name}.py: unknown argument {unknown[0]!r}; allowed: smoke, paper (e.g. ':paper,smoke')")
-    return dict(smoke="smoke" in parts, recipe="paper" if "paper" in parts else "main")
+        raise ValueError(f"configs/{name}.py: unknown argument {unknown[0]!r}; allowed: {', '.join(allowed)} (e.g. ':paper,smoke')")
+    recipes = [p for p in parts if p in RECIPES]
+    if len(recipes) > 1:
+        raise ValueError(f"configs/{name}.py: at most one recipe, got {recipes}")
+    return dict(smoke="smoke" in parts, recipe=recipes[0] if recipes else "main")
