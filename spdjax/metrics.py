@@ -136,6 +136,13 @@ def ci_l0(ci, threshold: float = 0.1) -> float:
     return float(np.mean(np.sum(ci > threshold, axis=-1)))
 
 
+def n_ci_active(ci, threshold: float = 0.1) -> int:
+    """Subcomponents whose CI exceeds `threshold` on at least one input (the PyTorch reference's
+    CI-based liveness, `ci_alive_threshold`). ci: `(*lead, C)`."""
+    ci = np.asarray(ci)
+    return int(np.sum(np.any(ci.reshape(-1, ci.shape[-1]) > threshold, axis=0)))
+
+
 def permute_to_identity(ci) -> tuple[np.ndarray, np.ndarray]:
     """Columns of `ci: (n, C)` (C >= n) reordered so the matrix is as close to identity as possible.
 

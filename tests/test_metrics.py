@@ -191,6 +191,16 @@ def test_ci_l0():
     assert metrics.ci_l0(np.stack([ci, ci])) == pytest.approx(1.5)  # extra leading axes average too
 
 
+def test_n_ci_active():
+    ci = np.zeros((2, 3, 5))
+    ci[0, 2, 1] = 0.5  # one input suffices
+    ci[1, 0, 3] = 0.1  # not above the threshold
+    ci[1, 1, 4] = 1.0
+    assert metrics.n_ci_active(ci) == 2
+    assert metrics.n_ci_active(ci, threshold=0.05) == 3
+    assert metrics.n_ci_active(np.zeros((4, 7))) == 0
+
+
 # ----------------------------------------------------------------------------- IdentityCIError
 
 

@@ -227,7 +227,7 @@ def test_build_smoke(tmp_path, monkeypatch):
     out = exp.analyze(state.params, t, tmp_path / "run")
     json.dumps(out)
     for k in [
-        "ci_l0/layers.0.mlp_in", "ci_l0/layers.0.mlp_out", "n_alive/layers.0.mlp_in",
+        "ci_l0/layers.0.mlp_in", "ci_l0/layers.0.mlp_out", "n_ci_active/layers.0.mlp_out", "n_alive/layers.0.mlp_in",
         "n_alive/layers.0.mlp_out", "n_alive", "identity_ci_error/layers.0.mlp_in",
         "identity_ci_error/layers.0.mlp_out", "identity_ci_error", "identity_ci_error_tol0.2",
         "n_features_with_own_w_in", "neuron_contrib_rel_err/layers.0", "target_seed", "target_final_loss",

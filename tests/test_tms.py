@@ -201,7 +201,7 @@ def test_build_smoke(tmp_path, monkeypatch):
     json.dumps(out)  # flat and JSON-able
     for k in [
         "mmcs", "ml2r", "n_alive/linear1", "n_alive/linear2.pre_identity", "ci_l0/linear1",
-        "ci_l0/linear2", "ci_l0/linear2.pre_identity", "identity_ci_error/linear1",
+        "ci_l0/linear2", "ci_l0/linear2.pre_identity", "n_ci_active/linear1", "identity_ci_error/linear1",
         "identity_ci_error/linear2", "identity_ci_error/linear2.pre_identity", "identity_ci_error",
         "target_seed",
     ]:
@@ -265,6 +265,7 @@ def test_analyze_perfect_solution(tmp_path):
     assert out["identity_ci_error/linear2.pre_identity"] == 0
     assert out["identity_ci_error"] == 0
     assert out["ci_l0/linear2.pre_identity"] == pytest.approx(2.0)
+    assert (out["n_ci_active/linear1"], out["n_ci_active/linear2.pre_identity"]) == (5, 2)
     assert 0.0 < out["ci_l0/linear1"] < 0.25  # features active with value > 0.5 only
     assert out["target_seed"] == 7
     assert (tmp_path / "ci_one_hot.png").exists()

@@ -115,7 +115,7 @@ def make_analyze(
 ) -> Callable[[SPDParams, Target, Path | None], dict]:
     """`analyze(params, target, workdir) -> flat summary dict`, writing figures into `workdir` (None: none).
 
-    Keys: `ci_l0/<site>` (held-out batch), `n_alive/<site>` and `n_alive`; IdentityCIError on one-hot
+    Keys: `ci_l0/<site>` and `n_ci_active/<site>` (held-out batch; `metrics.n_ci_active`), `n_alive/<site>` and `n_alive`; IdentityCIError on one-hot
     inputs 0.75 e_i: `identity_ci_error/<W_in site>` (one layer) or `identity_ci_error/layers.*.mlp_in`
     (all W_in sites' CI columns concatenated; identity pattern), `identity_ci_error/<W_out site>` (dense,
     k = d_mlp), `identity_ci_error` (their sum, tol 0.1), `identity_ci_error_tol0.2`;
@@ -143,6 +143,7 @@ def make_analyze(
         batch = eval_batch_fn(jax.random.fold_in(jax.random.PRNGKey(seed), 0x7E57))
         for name, g in metrics.batch_ci(params, target, batch, sigmoid).items():
             out[f"ci_l0/{name}"] = metrics.ci_l0(g, ci_l0_threshold)
+            out[f"n_ci_active/{name}"] = metrics.n_ci_active(g, ci_l0_threshold)
         expected = expected_ci_l0(n_features, d_mlp, feature_prob)
         if w_out:  # the target's hidden activations (W_out inputs) on the batch and on the one-hot inputs
             _, batch_inputs = clean_forward(target, batch)

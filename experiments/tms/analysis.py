@@ -67,6 +67,7 @@ def make_analyze(
         ci_eval = metrics.batch_ci(params, target, batch, sigmoid)
         for name, g in ci_eval.items():
             out[f"ci_l0/{name}"] = metrics.ci_l0(g, ci_l0_threshold)
+            out[f"n_ci_active/{name}"] = metrics.n_ci_active(g, ci_l0_threshold)
 
         ci = metrics.one_hot_ci(params, target, n_features, ONE_HOT_VALUE, sigmoid)
         patterns = ci_patterns(target)
