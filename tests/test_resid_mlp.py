@@ -303,6 +303,7 @@ def test_identity_ci_error_perfect_two_layers():
     assert out["identity_ci_error/layers.0.mlp_out"] == 0 and out["identity_ci_error/layers.1.mlp_out"] == 0
     assert out["identity_ci_error"] == 0 and out["identity_ci_error_tol0.2"] == 0
     assert out["n_features_with_own_w_in"] == 4
+    assert out["n_features_with_own_w_in/layers.0.mlp_in"] == 2 and out["n_features_with_own_w_in/layers.1.mlp_in"] == 2
     assert out["ci_l0/layers.0.mlp_out"] == pytest.approx(2.0)
     assert out["target_seed"] == 3
     assert out["ci_l0_expected/layers.*.mlp_in"] == pytest.approx(0.4)  # n_f p
@@ -313,6 +314,7 @@ def test_identity_ci_error_perfect_two_layers():
     g2 = g.copy()
     g2[1, 1], g2[1, 0] = 0.0, 1.0
     assert analysis.n_features_with_own_subcomponent(g2) == 2
+    np.testing.assert_array_equal(analysis.own_subcomponents(g2), [-1, -1, 4, 5])  # layer 1 starts at column 4
     # the dense W_out blocks above (V = ones) are not in the neuron basis
     assert out["w_out_neuron_basis/layers.0.mlp_out/aligned"] == 0
     assert out["w_out_neuron_basis/layers.1.mlp_out/neurons"] == 0

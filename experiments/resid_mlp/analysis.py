@@ -39,14 +39,19 @@ def w_in_ci(ci: dict[str, np.ndarray], w_in_sites: list[str]) -> tuple[str, np.n
     return key, np.concatenate([np.asarray(ci[n]) for n in w_in_sites], axis=1)
 
 
-def n_features_with_own_subcomponent(ci, threshold: float = OWN_W_IN_CI) -> int:
-    """Features i whose best subcomponent c_i = argmax_c ci[i, c] has CI >= threshold and is the best
-    subcomponent of no other feature. ci: `(n_features, C)` on one-hot inputs."""
+def own_subcomponents(ci, threshold: float = OWN_W_IN_CI) -> np.ndarray:
+    """`(n_features,)`: the column c_i = argmax_c ci[i, c] where it has CI >= threshold and is the best
+    subcomponent of no other feature (feature i owns it), else -1. ci: `(n_features, C)` on one-hot inputs."""
     ci = np.asarray(ci)
     best = np.argmax(ci, axis=1)
     counts = np.bincount(best, minlength=ci.shape[1])
     own = (ci[np.arange(ci.shape[0]), best] >= threshold) & (counts[best] == 1)
-    return int(own.sum())
+    return np.where(own, best, -1)
+
+
+def n_features_with_own_subcomponent(ci, threshold: float = OWN_W_IN_CI) -> int:
+    """Number of features that own a subcomponent (see `own_subcomponents`)."""
+    return int(np.sum(own_subcomponents(ci, threshold) >= 0))
 
 
 def w_out_neuron_basis(V, ci, hidden, k: int, tol: float = CI_TOL) -> dict[str, int]:
@@ -119,7 +124,8 @@ def make_analyze(
     inputs 0.75 e_i: `identity_ci_error/<W_in site>` (one layer) or `identity_ci_error/layers.*.mlp_in`
     (all W_in sites' CI columns concatenated; identity pattern), `identity_ci_error/<W_out site>` (dense,
     k = d_mlp), `identity_ci_error` (their sum, tol 0.1), `identity_ci_error_tol0.2`;
-    `n_features_with_own_w_in`; `neuron_contrib_rel_err/layers.<l>` (||SPD - target|| / ||target|| of
+    `n_features_with_own_w_in` (and, with several layers, `n_features_with_own_w_in/<W_in site>`: in which
+    layer the owned subcomponents are); `neuron_contrib_rel_err/layers.<l>` (||SPD - target|| / ||target|| of
     the neuron contributions);
     `ci_l0/layers.*.mlp_in` (sum over the W_in sites) and `ci_l0_expected/<site>` next to the measured
     values (W_out sites and the W_in total); `feature_recon_mse/mean`, `/max` (per feature i, the MSE of
@@ -168,7 +174,13 @@ def make_analyze(
             panels[key], patterns[key] = g, "identity"
             if g.shape[1] >= n_features:
                 scored.append((key, g, "identity", None))
-            out["n_features_with_own_w_in"] = n_features_with_own_subcomponent(g)
+            owned = own_subcomponents(g)
+            out["n_features_with_own_w_in"] = int(np.sum(owned >= 0))
+            if len(w_in) > 1:  # how the owned subcomponents spread over the layers
+                ends = np.cumsum([np.asarray(ci[n]).shape[1] for n in w_in])
+                layer_of = np.searchsorted(ends, owned[owned >= 0], side="right")
+                for i, n in enumerate(w_in):
+                    out[f"n_features_with_own_w_in/{n}"] = int(np.sum(layer_of == i))
         for name in w_out:
             panels[name], patterns[name] = ci[name], "dense"
             basis = w_out_neuron_basis(params.components[name].V, ci[name], hidden[name], d_mlp)
