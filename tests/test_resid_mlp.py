@@ -304,6 +304,9 @@ def test_identity_ci_error_perfect_two_layers():
     assert out["identity_ci_error"] == 0 and out["identity_ci_error_tol0.2"] == 0
     assert out["n_features_with_own_w_in"] == 4
     assert out["n_features_with_own_w_in/layers.0.mlp_in"] == 2 and out["n_features_with_own_w_in/layers.1.mlp_in"] == 2
+    # each layer alone holds half the features, so neither is an identity pattern; W_out = 0 writes nothing
+    assert out["identity_ci_error_per_layer/layers.0.mlp_in"] > 0 and out["identity_ci_error_per_layer/layers.1.mlp_in"] > 0
+    assert out["target_features_in_one_layer"] == 0 and out["target_features_split"] == 0
     assert out["ci_l0/layers.0.mlp_out"] == pytest.approx(2.0)
     assert out["target_seed"] == 3
     assert out["ci_l0_expected/layers.*.mlp_in"] == pytest.approx(0.4)  # n_f p
@@ -383,3 +386,19 @@ def test_w_out_basis_construction():
             np.asarray(ci["layers.0.mlp_in"])[:, :6] > 0.5, np.asarray(x) != 0
         )
     assert l0["neuron"] < l0["dense"]
+
+
+def test_layer_output_shares():
+    """Hand-made 2-layer target on an orthonormal embedding: feature 0 is written by layer 0 alone,
+    feature 1 by layer 1 alone, feature 2 by both, feature 3 by none."""
+    n_f, m = 4, 3
+    W_E = np.eye(n_f)
+    W_in, W_out = np.zeros((2, n_f, m)), np.zeros((2, m, n_f))
+    W_in[0, 0, 0] = W_out[0, 0, 0] = 1.0  # ReLU(x_0) -> x_0 in layer 0
+    W_in[1, 1, 0] = W_out[1, 0, 1] = 1.0  # ReLU(x_1) -> x_1 in layer 1
+    W_in[0, 2, 1], W_out[0, 1, 2] = 1.0, 0.25  # feature 2 in both layers; layer 1 reads the stream
+    W_in[1, 2, 1], W_out[1, 1, 2] = 1.0, 0.75  # after layer 0 wrote into it
+    shares = analysis.layer_output_shares(W_E, W_in, W_out, value=0.75)
+    c0 = 0.75 * 0.25
+    c1 = (0.75 + c0) * 0.75
+    np.testing.assert_allclose(shares, [[1, 0], [0, 1], [c0 / (c0 + c1), c1 / (c0 + c1)], [0, 0]])

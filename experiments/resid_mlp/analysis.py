@@ -99,6 +99,26 @@ def _rel_err(target, spd) -> float:
     return float(np.linalg.norm(spd - target) / den) if den > 0 else float("nan")
 
 
+def layer_output_shares(W_E, W_in, W_out, value: float = ONE_HOT_VALUE) -> np.ndarray:
+    """`(n_features, L)`: the share of feature i's own output (y_i on the one-hot input value e_i, read
+    out with W_U = W_E^T) that each layer's MLP writes, |c_il| / sum_l |c_il|; 0 where nothing is written.
+
+    Shows whether the target computes a feature in one layer or spreads it over several (then a
+    decomposition into per-layer rank-one subcomponents needs one W_in subcomponent per feature per layer).
+    W_E `(n_f, d)`, W_in `(L, d, d_mlp)`, W_out `(L, d_mlp, d)`.
+    """
+    W_E, W_in, W_out = (np.asarray(a, np.float64) for a in (W_E, W_in, W_out))
+    r = value * W_E
+    own = []
+    for l in range(W_in.shape[0]):
+        d = np.maximum(r @ W_in[l], 0.0) @ W_out[l]
+        own.append(np.einsum("id,id->i", d, W_E))
+        r = r + d
+    c = np.abs(np.stack(own, axis=1))
+    total = c.sum(axis=1, keepdims=True)
+    return np.divide(c, total, out=np.zeros_like(c), where=total > 0)
+
+
 def expected_ci_l0(n_features: int, d_mlp: int, feature_prob: float) -> dict[str, float]:
     """CI-L0 of a perfect decomposition, from the data (toy_models.md): the W_in sites together select
     one subcomponent per active feature, `n_f p`; each layer's W_out block of `d_mlp` subcomponents is
@@ -125,7 +145,11 @@ def make_analyze(
     (all W_in sites' CI columns concatenated; identity pattern), `identity_ci_error/<W_out site>` (dense,
     k = d_mlp), `identity_ci_error` (their sum, tol 0.1), `identity_ci_error_tol0.2`;
     `n_features_with_own_w_in` (and, with several layers, `n_features_with_own_w_in/<W_in site>`: in which
-    layer the owned subcomponents are); `neuron_contrib_rel_err/layers.<l>` (||SPD - target|| / ||target|| of
+    layer the owned subcomponents are); with several layers also `identity_ci_error_per_layer/<W_in site>`
+    (each W_in site alone, identity pattern; not in the total) and, from the target's weights,
+    `target_features_in_one_layer` (>= 90% of the feature's own output from one layer) and
+    `target_features_split` (>= 20% from each of two or more layers; see `layer_output_shares`);
+    `neuron_contrib_rel_err/layers.<l>` (||SPD - target|| / ||target|| of
     the neuron contributions);
     `ci_l0/layers.*.mlp_in` (sum over the W_in sites) and `ci_l0_expected/<site>` next to the measured
     values (W_out sites and the W_in total); `feature_recon_mse/mean`, `/max` (per feature i, the MSE of
@@ -181,6 +205,13 @@ def make_analyze(
                 layer_of = np.searchsorted(ends, owned[owned >= 0], side="right")
                 for i, n in enumerate(w_in):
                     out[f"n_features_with_own_w_in/{n}"] = int(np.sum(layer_of == i))
+        if len(w_in) > 1:  # each W_in site alone against the identity (not in the total), and the target's split
+            for n in w_in:
+                if np.asarray(ci[n]).shape[1] >= n_features:
+                    out[f"identity_ci_error_per_layer/{n}"] = metrics.identity_ci_error(ci[n], "identity", None, CI_TOL)
+            shares = layer_output_shares(weights["W_E"], weights["W_in"], weights["W_out"])
+            out["target_features_in_one_layer"] = int(np.sum(shares.max(axis=1) >= 0.9))
+            out["target_features_split"] = int(np.sum(np.sum(shares >= 0.2, axis=1) >= 2))
         for name in w_out:
             panels[name], patterns[name] = ci[name], "dense"
             basis = w_out_neuron_basis(params.components[name].V, ci[name], hidden[name], d_mlp)
