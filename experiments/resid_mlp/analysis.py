@@ -200,13 +200,11 @@ def make_analyze(
                 scored.append((key, g, "identity", None))
             owned = own_subcomponents(g)
             out["n_features_with_own_w_in"] = int(np.sum(owned >= 0))
-            if len(w_in) > 1:  # how the owned subcomponents spread over the layers
-                ends = np.cumsum([np.asarray(ci[n]).shape[1] for n in w_in])
-                layer_of = np.searchsorted(ends, owned[owned >= 0], side="right")
-                for i, n in enumerate(w_in):
-                    out[f"n_features_with_own_w_in/{n}"] = int(np.sum(layer_of == i))
-        if len(w_in) > 1:  # each W_in site alone against the identity (not in the total), and the target's split
-            for n in w_in:
+        if len(w_in) > 1:  # per layer: owned subcomponents, each W_in site alone (not in the total); the target's split
+            ends = np.cumsum([np.asarray(ci[n]).shape[1] for n in w_in])
+            layer_of = np.searchsorted(ends, owned[owned >= 0], side="right")
+            for i, n in enumerate(w_in):
+                out[f"n_features_with_own_w_in/{n}"] = int(np.sum(layer_of == i))
                 if np.asarray(ci[n]).shape[1] >= n_features:
                     out[f"identity_ci_error_per_layer/{n}"] = metrics.identity_ci_error(ci[n], "identity", None, CI_TOL)
             shares = layer_output_shares(weights["W_E"], weights["W_in"], weights["W_out"])
