@@ -51,7 +51,7 @@ class LossConfig:
     minimality_beta: float = 0.0
     minimality_eps: float = 1e-12
     ci_l0_threshold: float = 0.1
-    layerwise_unroll: int | None = None  # lax.scan unroll of the per-site sweep; None: all sites
+    layerwise_unroll: int | None = None  # None: one traced pass per site; int: lax.scan with that unroll
     subset_routing: str = "uniform_k"  # *_subset terms: "uniform_k" or "static_p"
     subset_p: float = 0.5  # static_p routing: probability that a site is masked at a position
     pgd_init: str = "random"  # pgd_* terms: initial adversarial sources (random / ones / zeros)
@@ -186,14 +186,22 @@ def layerwise_forward_losses(
     output_loss: str,
     unroll: int | None = None,
 ) -> Float[Array, ""]:
-    """Mean over sites l of D(forward with only site l masked, out), sweeping l with `lax.scan`.
+    """Mean over sites l of D(forward with only site l masked, out).
 
-    Each site's handler runs `lax.cond(l == its index, masked, clean)`, so an iteration computes one
-    masked site and the rest of the model clean. `unroll` is the scan's unroll factor (None: fully
-    unrolled, which lets XLA fold the conds and fuse across sites; pass 1 for many sites to keep
-    compile time and code size flat).
+    `unroll=None` (default) traces one forward pass per site, each with only that site masked: XLA
+    then shares every pass's clean prefix with the clean forward pass and skips the masked branch
+    elsewhere (resid_mlp:2 step: 106 -> 44 GFLOP). For many sites pass an int: the sites are swept
+    with `lax.scan` (that unroll factor), each handler running `lax.cond(l == its index, masked,
+    clean)`, which keeps compile time and code size flat in the number of sites at the price of
+    recomputing the clean parts in every iteration.
     """
     names = [s.name for s in target.sites if s.name in site_masks]
+    if unroll is None:
+        total = 0.0
+        for n in names:
+            pred = masked_forward(params, target, batch, {n: site_masks[n]})
+            total = total + divergence(output_loss, pred, out)
+        return total / len(names)
     index = {n: i for i, n in enumerate(names)}
 
     def body(total, l):
@@ -211,7 +219,6 @@ def layerwise_forward_losses(
         pred = target.run(batch, handler)
         return total + divergence(output_loss, pred, out), None
 
-    unroll = len(names) if unroll is None else unroll
     total, _ = jax.lax.scan(body, jnp.zeros((), out.dtype), jnp.arange(len(names)), unroll=unroll)
     return total / len(names)
 
@@ -247,7 +254,7 @@ def stochastic_recon_loss(
 def stochastic_recon_layerwise_loss(
     params, target, batch, out, site_masks: dict[str, SiteMask], output_loss="mse", unroll=None
 ) -> Float[Array, ""]:
-    """(1/(S L)) sum_s sum_l D(f(x | only site l masked with m^(s)_l), f(x)); vmap over S, scan over l."""
+    """(1/(S L)) sum_s sum_l D(f(x | only site l masked with m^(s)_l), f(x)); vmap over S; sites per `unroll`."""
 
     def one(sm):
         return layerwise_forward_losses(params, target, batch, out, sm, output_loss, unroll)

@@ -2,7 +2,7 @@
 
 - all-ones masks with the delta term reproduce the target exactly, whatever U and V are;
 - the factored masked forward equals the materialised per-example-kernel forward run by hand;
-- the vmapped S-sample stochastic loss and the vmap + scan + cond layerwise loss equal Python loops;
+- the vmapped S-sample stochastic loss and the vmap + per-site (or scan + cond) layerwise loss equal Python loops;
 - keys: same key -> same loss, different key -> different loss;
 - a jitted train step traces once; `jax.jit(loss_fn)` works as is.
 """
@@ -313,17 +313,19 @@ def test_stochastic_recon_vmap_equals_python_loop(case, use_delta, div, request)
     assert np.std(per_sample) > 0  # the samples differ, so the average is a real test
 
 
+@pytest.mark.parametrize("unroll", [None, 1, 2])
 @pytest.mark.parametrize(
     "case, use_delta, div", [("net_case", True, "mse"), ("token_case", True, "kl"), ("tms_case", False, "mse")]
 )
-def test_stochastic_recon_layerwise_equals_python_loop(case, use_delta, div, request):
+def test_stochastic_recon_layerwise_equals_python_loop(case, use_delta, div, unroll, request):
+    """Per-site passes (unroll=None) and the scan + cond sweep (int unroll) both equal a plain loop."""
     S = 2
     _, target, x, params = request.getfixturevalue(case)
 
     @jax.jit
     def run(params, target, x):
         out, masks = _sampled(params, target, x, S, use_delta)
-        got = stochastic_recon_layerwise_loss(params, target, x, out, masks, div)
+        got = stochastic_recon_layerwise_loss(params, target, x, out, masks, div, unroll)
         terms = []
         for s in range(S):
             sample = masks_lib.take_sample(masks, s)
@@ -336,6 +338,24 @@ def test_stochastic_recon_layerwise_equals_python_loop(case, use_delta, div, req
     assert terms.shape == (S * len(target.sites),)
     np.testing.assert_allclose(got, np.mean(terms), rtol=1e-5, atol=1e-7)
     assert np.std(terms) > 0
+
+
+def test_layerwise_paths_same_gradient(net_case):
+    """The per-site passes and the scan + cond sweep give the same gradient in the parameters."""
+    _, target, x, params = net_case
+
+    def grad(unroll):
+        def f(p):
+            out, masks = _sampled(p, target, x, 1, True)
+            return stochastic_recon_layerwise_loss(p, target, x, out, masks, "mse", unroll)
+
+        return jax.jit(jax.grad(f))(params)
+
+    g_passes, g_scan = grad(None), grad(1)
+    leaves = jax.tree.leaves(g_passes)
+    assert any(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)
+    for a, b in zip(leaves, jax.tree.leaves(g_scan)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- (e), (g) keys and jit
