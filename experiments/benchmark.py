@@ -69,11 +69,10 @@ def bench_one(
     config_path: str, steps: int, warmup: int, cache_dir: str, n_devices: int | None = None, mesh_model: int = 1
 ) -> dict:
     import jax
-    from ml_collections.config_flags import config_flags as cf
 
-    path, _, arg = config_path.partition(":")
-    module = cf._LoadConfigModule("bench_config", path)  # noqa: SLF001
-    cfg = module.get_config(arg) if arg else module.get_config()
+    from spdjax.config import load_config_file
+
+    cfg = load_config_file(config_path)
     state, target, step, mesh = _build(cfg, cache_dir, n_devices, mesh_model)
     n_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
 

@@ -25,6 +25,8 @@ Layout of a run config (see configs/*.py):
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import pathlib
 import typing
 from typing import Any
 
@@ -66,6 +68,27 @@ class RunConfig:
     mesh: MeshConfig = MeshConfig()
     method: str = "spd"  # "apd": spdjax.apd (settings in the `apd` section, parsed by spdjax.apd.config)
     apd: Any = None
+
+
+def load_config_file(spec: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The ConfigDict of a config file, as `--config=path[:arg]` would give it.
+
+    `spec` is `path` or `path:arg` (the part after the first ':' is passed to `get_config`); an
+    explicit `arg` may be given instead of the suffix, not with it.
+    """
+    path, sep, suffix = str(spec).partition(":")
+    if sep and arg is not None:
+        raise ValueError(f"load_config_file: give the argument once, got {spec!r} and arg={arg!r}")
+    arg = suffix if sep else arg
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location(f"spdjax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} has no get_config(arg) function")
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def _to_dict(section, name: str) -> dict:

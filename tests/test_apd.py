@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
-from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
 
 import numpy_ref_apd as ref  # tests/ is on sys.path
 import spdjax
@@ -21,6 +20,7 @@ from spdjax.apd.components import APDComponents, APDParams, site_components
 from spdjax.apd.forward import clean_forward, masked_forward
 from spdjax.apd.losses import TERMS, APDConfig, apd_loss_fn
 from spdjax.apd.train import make_schedule, normalize_A, project_A_grads
+from spdjax.config import load_config_file
 from spdjax.targets.pure import linear
 from spdjax.train import OptimConfig
 
@@ -321,12 +321,7 @@ def test_schedule():
 
 
 def _load_config(name: str, arg: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return load_config_file(ROOT / "configs" / f"{name}.py", arg)
 
 
 def test_config_errors():

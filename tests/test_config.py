@@ -184,3 +184,23 @@ def test_xla_flags_only_for_checked_jaxlib_versions(monkeypatch):
     xla_flags.apply(version=(0, 10, 2))
     flags = os.environ["XLA_FLAGS"]
     assert flags.count("ynn_fusion_type") == 1 and flags.count("concurrency_optimized_scheduler") == 1
+
+
+def test_load_config_file(tmp_path):
+    """`path[:arg]` loads like `--config=path[:arg]`; bad paths and double arguments are errors."""
+    f = tmp_path / "cfg.py"
+    f.write_text(
+        "import ml_collections\n"
+        "def get_config(arg=None):\n"
+        "    return ml_collections.ConfigDict({'arg': arg or 'default'})\n"
+    )
+    assert config_lib.load_config_file(f).arg == "default"
+    assert config_lib.load_config_file(f"{f}:2,smoke").arg == "2,smoke"
+    assert config_lib.load_config_file(f, "smoke").arg == "smoke"
+    with pytest.raises(ValueError, match="argument once"):
+        config_lib.load_config_file(f"{f}:2", "smoke")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        config_lib.load_config_file(tmp_path / "missing.py")
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="no get_config"):
+        config_lib.load_config_file(tmp_path / "empty.py")

@@ -1,6 +1,5 @@
 """The ResidMLP experiment family: model, target training, the cache, configs, build/analyze."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from experiments.resid_mlp import analysis, train_target
 from spdjax import metrics
 from spdjax.ci import CIParams
 from spdjax.components import Components
-from spdjax.config import parse
+from spdjax.config import load_config_file, parse
 from spdjax.decomposition import SPDParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,10 +23,7 @@ TINY = dict(n_features=6, d_mlp=4, n_layers=2, d_embed=16, steps=60, batch_size=
 
 
 def load_config(arg=None):
-    spec = importlib.util.spec_from_file_location("cfg_resid_mlp", ROOT / "configs" / "resid_mlp.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return load_config_file(ROOT / "configs" / "resid_mlp.py", arg)
 
 
 def tiny_weights(seed=0, n_f=6, d=16, m=4, L=2):

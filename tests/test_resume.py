@@ -1,6 +1,5 @@
 """Checkpoints: exact resume, config-change refusal, corrupt-checkpoint fall-back, NaN stop."""
 
-import importlib.util
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from spdjax.config import load_config_file
 from spdjax.run import ConfigMismatchError, run
 from spdjax.train import NonFiniteError, run_steps
 
@@ -15,10 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def smoke_config(**overrides):
-    spec = importlib.util.spec_from_file_location("tms_cfg", ROOT / "configs" / "tms_5-2.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config("smoke")
+    cfg = load_config_file(ROOT / "configs" / "tms_5-2.py", "smoke")
     cfg.optim.steps = 24
     cfg.log_every = 4
     cfg.checkpoint_every = 8

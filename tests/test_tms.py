@@ -1,6 +1,5 @@
 """The TMS experiment family: target training, the represented-feature check, the cache, build/analyze."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from experiments import tms
 from experiments.tms import analysis, train_target
 from spdjax.ci import CIParams
 from spdjax.components import Components
-from spdjax.config import parse
+from spdjax.config import load_config_file, parse
 from spdjax.decomposition import SPDParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,10 +26,7 @@ def pentagon(n=5, radius=1.0):
 
 
 def load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return load_config_file(ROOT / "configs" / f"{name}.py", arg)
 
 
 # ----------------------------------------------------------------------------- target training

@@ -87,16 +87,12 @@ def build_params(target, weights, basis: str, k: float, H: int, seed: int = 0):
 
 
 def evaluate(cfg_path: str, n_batches: int, k: float, cache_dir: str) -> dict[str, dict[str, float]]:
-    from ml_collections.config_flags import config_flags as cf
-
     import experiments
     from experiments.resid_mlp.train_target import ResidMLPTargetConfig, load_or_train
-    from spdjax.config import parse
+    from spdjax.config import load_config_file, parse
     from spdjax.losses import loss_fn
 
-    path, _, arg = cfg_path.partition(":")
-    module = cf._LoadConfigModule("w_out_basis_config", path)  # noqa: SLF001
-    rc = parse(module.get_config(arg) if arg else module.get_config())
+    rc = parse(load_config_file(cfg_path))
     tcfg = ResidMLPTargetConfig.from_section(rc.target)
     if tcfg.n_layers != 1:
         raise ValueError("w_out_basis: 1-layer ResidMLP configs only")
