@@ -45,7 +45,7 @@ def test_second_launch_reuses_cached_target(tmp_path):
     assert second["steps"] == 5
 
 
-RESID_CONFIGS = [("resid_mlp", "1,smoke", 1), ("resid_mlp", "2,smoke", 2), ("resid_mlp", "3,smoke", 3),
+RESID_CONFIGS = [("resid_mlp", "1,paper,smoke", 1), ("resid_mlp", "2,smoke", 2), ("resid_mlp", "3,smoke", 3),
                  ("resid_mlp2_reference", "smoke", 2)]
 
 
@@ -67,6 +67,7 @@ def test_smoke_launch_resid_mlp(tmp_path, config, arg, n_layers):
     for layer in range(n_layers):
         assert f"ci_l0/layers.{layer}.mlp_in" in s and f"ci_l0/layers.{layer}.mlp_out" in s
     metrics = json.loads((run / "metrics.jsonl").read_text().strip().splitlines()[-1])
+    assert ("loss/faithfulness" in metrics) == ("paper" in arg)
     if config == "resid_mlp2_reference":
         assert {"loss/stochastic_recon_subset", "loss/pgd_recon_subset"} <= set(metrics)
         assert "loss/stochastic_recon_layerwise" not in metrics

@@ -181,6 +181,29 @@ def test_configs_parse(arg, L, nf, dmlp, C, hidden, lr, steps, tsteps):
     assert (run.ci_type, run.ci_hidden, run.batch_size) == ("mlp", hidden, 2048)
 
 
+@pytest.mark.parametrize(
+    "arg,steps,minimality",
+    [("1,paper", 30_000, 1e-5), ("paper,2", 50_000, 1e-5), ("3,paper", 200_000, 0.5e-5), ("paper", 30_000, 1e-5)],
+)
+def test_paper_recipe(arg, steps, minimality):
+    """`,paper`: the SPD paper's appendix recipe, faithfulness instead of the delta component."""
+    run = parse(load_config(arg))
+    main = parse(load_config(str(run.target.n_layers)))
+    assert run.loss.coeff_dict == {
+        "faithfulness": 1.0, "stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0,
+        "importance_minimality": minimality,
+    }
+    assert not run.loss.use_delta_component and run.optim.faithfulness_warmup_steps == 0
+    assert run.optim.steps == steps
+    # everything else as the main recipe, the target included (same cache entry)
+    assert run.target == main.target and run.sites == main.sites and run.ci_hidden == main.ci_hidden
+    assert (run.optim.lr, run.optim.schedule, run.batch_size) == (main.optim.lr, "constant", 2048)
+    smoke = parse(load_config(arg + ",smoke"))
+    assert smoke.optim.faithfulness_warmup_steps == 0 and not smoke.loss.use_delta_component
+    with pytest.raises(ValueError, match="paper"):
+        load_config("1,papers")
+
+
 @pytest.mark.parametrize("arg,L", [("1,smoke", 1), ("smoke", 1), ("3,smoke", 3)])
 def test_smoke_configs_parse(arg, L):
     run = parse(load_config(arg))
