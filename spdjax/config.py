@@ -301,9 +301,10 @@ def run_config(
 
 
 def shrink_for_smoke(cfg: ml_collections.ConfigDict, steps: int, every: int) -> ml_collections.ConfigDict:
-    """The `:smoke` variant: a few SPD steps on batches of 256, logging/checkpointing every `every`."""
+    """The `:smoke` variant: a few SPD steps on batches of 256, logging/checkpointing every `every`; a
+    faithfulness warm-up, if the recipe has one, shrinks to 10 steps."""
     cfg.optim.steps = steps
-    cfg.optim.faithfulness_warmup_steps = 10
+    cfg.optim.faithfulness_warmup_steps = min(cfg.optim.faithfulness_warmup_steps, 10)
     cfg.batch_size = cfg.eval_batch_size = 256
     cfg.log_every = cfg.checkpoint_every = cfg.eval_every = every
     return cfg

@@ -160,10 +160,9 @@ def resid_mlp_config(
     if recipe == "paper":
         cfg.loss.coeffs = ml_collections.ConfigDict(dict(faithfulness=1.0, **cfg.loss.coeffs.to_dict()))
         cfg.loss.use_delta_component = False
+        cfg.optim.faithfulness_warmup_steps = 0
     if smoke:
         cfg.target.steps = 100
         cfg.target.batch_size = 256
         shrink_for_smoke(cfg, steps=10, every=5)
-    if recipe == "paper":  # after the smoke shrink, which sets a short warm-up of its own
-        cfg.optim.faithfulness_warmup_steps = 0
     return cfg

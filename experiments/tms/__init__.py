@@ -145,6 +145,7 @@ def tms_config(
         cfg.loss.coeffs = ml_collections.ConfigDict(dict(faithfulness=1.0, **cfg.loss.coeffs.to_dict()))
         cfg.loss.use_delta_component = False
         cfg.optim.steps = 40_000
+        cfg.optim.faithfulness_warmup_steps = 0
     if recipe == "reference":
         cfg.ci.type, cfg.ci.hidden = "shared_mlp", (200,)
         cfg.loss.coeffs = ml_collections.ConfigDict(dict(pgd_recon_subset=1.0, importance_minimality=3e-5))
@@ -156,8 +157,6 @@ def tms_config(
         cfg.target.batch_size = 256
         cfg.target.require_all_features = False
         shrink_for_smoke(cfg, steps=30, every=10)
-    if recipe == "paper":  # after the smoke shrink, which sets a short warm-up of its own
-        cfg.optim.faithfulness_warmup_steps = 0
     return cfg
 
 
