@@ -2,6 +2,7 @@
 gradient attributions against brute-force per-sample parameter gradients, top-k semantics, the
 unit-norm projection, check_grads of the loss, and a smoke launch of each APD config."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -342,6 +343,11 @@ def test_config_errors():
     assert (full.C, full.m, full.topk, full.schatten_p) == (50, 11, 1.0, 0.9)
     r1 = apd_config_from(parse(_load_config("apd_resid_mlp", "1")).apd)
     assert (r1.C, r1.m, r1.unit_norm_A, r1.init_scale) == (130, 50, True, 2.0)
+    tuned = apd_config_from(parse(_load_config("apd_resid_mlp", "1,tuned")).apd)
+    assert (tuned.init_scale, dict(tuned.coeffs)["schatten"], dict(r1.coeffs)["schatten"]) == (1.0, 20.0, 10.0)
+    assert dataclasses.replace(tuned, init_scale=2.0, coeffs=r1.coeffs) == r1
+    with pytest.raises(ValueError, match="no tuned recipe"):
+        _load_config("apd_resid_mlp", "2,tuned")
     assert (full.init_type, r1.init_type) == ("xavier_normal", "kaiming_uniform")
     cfg = _load_config("apd_tms_5-2", "smoke")
     cfg.apd.init_type = "orthogonal"
