@@ -355,6 +355,50 @@ def test_config_errors():
         apd_config_from(parse(cfg).apd)
 
 
+def _ownership_loop(attr, share=0.5):
+    """Plain-loop reference of the one-hot ownership rules (float64)."""
+    n, _ = attr.shape
+    best = [max(range(attr.shape[1]), key=lambda c: (attr[i, c], -c)) for i in range(n)]
+    own, split, shared = [], [], {}
+    for i in range(n):
+        tot = sum(float(a) for a in attr[i])
+        frac = float(attr[i, best[i]]) / tot if tot > 0 else 0.0
+        others = [j for j in range(n) if best[j] == best[i]]
+        if len(others) > 1:
+            shared[best[i]] = others
+        elif frac >= share:
+            own.append(i)
+        else:
+            split.append(i)
+    return own, split, shared
+
+
+def test_ownership():
+    from spdjax.apd.analysis import n_features_with_own_component, ownership
+
+    attr = np.array([
+        [0.9, 0.1, 0.0, 0.0, 0.0],  # own: comp 0 with 90%
+        [0.0, 0.6, 0.4, 0.0, 0.0],  # shares comp 1 with feature 2
+        [0.0, 0.7, 0.0, 0.3, 0.0],
+        [0.0, 0.0, 0.25, 0.4, 0.35],  # comp 3 is its alone but holds 40%: split
+        [0.0, 0.0, 0.0, 0.0, 0.0],  # no attribution at all: best comp 0 (argmax), shared with feature 0
+    ])
+    o = ownership(attr)
+    assert o["best"] == [0, 1, 1, 3, 0]
+    assert o["own"] == [] and o["split"] == [3] and o["shared"] == {0: [0, 4], 1: [1, 2]}
+    np.testing.assert_allclose(o["frac"], [0.9, 0.6, 0.7, 0.4, 0.0])
+    o = ownership(attr[:4])
+    assert o["own"] == [0] and o["split"] == [3] and o["shared"] == {1: [1, 2]}
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        a = rng.exponential(size=(12, 9)) ** 4  # heavy-tailed: some owned, some shared, some split
+        own, split, shared = _ownership_loop(a)
+        o = ownership(a)
+        assert (o["own"], o["split"], o["shared"]) == (own, split, shared), trial
+        assert n_features_with_own_component(a) == len(own)
+        assert sorted(own + split + [f for fs in shared.values() for f in fs]) == list(range(12))
+
+
 def _torch_fans(shape):
     """torch.nn.init's fan-in / fan-out of a tensor: dim 1 / dim 0, each times the trailing dims."""
     rf = int(np.prod(shape[2:]))
@@ -405,9 +449,12 @@ def test_smoke_run(tmp_path, cache, name, arg):
         assert key in s, key
     if "tms" in name:
         assert {"mmcs", "ml2r"} <= set(s)
-    else:
-        assert "n_features_with_own_component" in s
     run_dir = tmp_path / "run"
+    if "resid" in name:
+        own = json.loads((run_dir / "ownership.json").read_text())
+        assert len(own["own"]) == s["n_features_with_own_component"]
+        assert (len(own["shared"]), len(own["split"])) == (s["n_shared_components"], s["n_split_features"])
+        assert len(own["best"]) == 100
     assert json.loads((run_dir / "summary.json").read_text())["method"] == "apd"
     assert (run_dir / "metrics.jsonl").read_text().strip()
     assert (run_dir / "decomposition" / "apd.safetensors").exists()

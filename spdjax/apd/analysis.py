@@ -6,13 +6,17 @@
   score summed over sites); `n_alive/<site>` per site;
 - on one-hot inputs `x = 0.75 e_i` (float-vector targets): attributions `(n_features, C)`,
   `n_features_with_own_component` (feature i's largest-attribution component is no other feature's
-  largest and holds >= half of i's attribution), `onehot_topk_recon_mse` (per-sample top-1 on e_i);
+  largest and holds >= half of i's attribution), the misses split into `n_shared_components` (largest
+  for several features) and `n_split_features` (largest is their own but holds < half),
+  `n_distinct_best`, `onehot_topk_recon_mse` (per-sample top-1 on e_i); the per-feature detail goes
+  to `ownership.json` in the workdir;
 - on a held-out batch: every loss term, `topk/l0`, `topk/n_used`;
 - `n_apd_params` (trainable), `n_target_weights` (N).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -50,13 +54,32 @@ def _eval_fn(params, target, batch, config: APDConfig):
 _eval_jit = jax.jit(_eval_fn)
 
 
-def n_features_with_own_component(attr, share: float = OWN_SHARE) -> int:
+def ownership(attr, share: float = OWN_SHARE) -> dict:
+    """Which component each feature relies on, from one-hot attributions `attr: (n_features, C) >= 0`.
+
+    `best[i]` is feature i's largest-attribution component and `frac[i]` its share of i's total
+    attribution (0 when the total is 0). `own`: features whose best is no other feature's best and
+    holds >= `share`; `shared`: `{component: features}` for components that are several features'
+    best; `split`: features whose best is theirs alone but holds < `share`. own + split + the
+    features in shared partition all features.
+    """
     attr = np.asarray(attr, np.float64)
     best = np.argmax(attr, axis=1)
     counts = np.bincount(best, minlength=attr.shape[1])
     tot = attr.sum(axis=1)
     frac = np.divide(attr[np.arange(len(best)), best], tot, out=np.zeros_like(tot), where=tot > 0)
-    return int(np.sum((counts[best] == 1) & (frac >= share)))
+    alone = counts[best] == 1
+    return {
+        "best": best.tolist(),
+        "frac": frac.tolist(),
+        "own": np.flatnonzero(alone & (frac >= share)).tolist(),
+        "split": np.flatnonzero(alone & (frac < share)).tolist(),
+        "shared": {int(c): np.flatnonzero(best == c).tolist() for c in np.flatnonzero(counts > 1)},
+    }
+
+
+def n_features_with_own_component(attr, share: float = OWN_SHARE) -> int:
+    return len(ownership(attr, share)["own"])
 
 
 def dense_kernels(params: APDParams, target: Target) -> dict[str, np.ndarray]:
@@ -91,12 +114,18 @@ def analyze(
     if n_features:
         x = ONE_HOT_VALUE * jnp.eye(n_features, dtype=jnp.float32)
         attr, err = (np.asarray(a) for a in _one_hot_jit(params, target, x, config))
-        out["n_features_with_own_component"] = n_features_with_own_component(attr)
+        own = ownership(attr)
+        out["n_features_with_own_component"] = len(own["own"])
+        out["n_shared_components"] = len(own["shared"])
+        out["n_split_features"] = len(own["split"])
+        out["n_distinct_best"] = len(set(own["best"]))
         out["onehot_top1_recon_mse/mean"] = float(err.mean())
         out["onehot_top1_recon_mse/max"] = float(err.max())
     if workdir is not None:
         Path(workdir).mkdir(parents=True, exist_ok=True)
         figures(kernels, dense, attr, liveness, Path(workdir), target)
+        if attr is not None:
+            (Path(workdir) / "ownership.json").write_text(json.dumps(own))
     return out
 
 
