@@ -5,7 +5,8 @@ summary.json and figures.
 Workdir contents as for SPD: `config.json`, `checkpoints/` (Orbax, `spdjax.checkpoint.Checkpointer`),
 `metrics.jsonl` + `tensorboard/` (`spdjax.metrics_writer.MetricsWriter`), `eval.jsonl`,
 `decomposition/` (spdjax.apd.export), `summary.json` (flat keys: `mmcs`, `ml2r`, `n_alive`,
-`n_features_with_own_component`, `wall_time_s`, `peak_rss_mib`, `n_apd_params`, ...) and PNG figures.
+`n_features_with_own_component`, `wall_time_s`, `peak_rss_mib`, `n_apd_params`, ...), PNG figures and,
+for float-vector targets, `ownership.json` (each feature's largest-attribution component and share).
 APD runs on one device (the `mesh` section is not used) and one process.
 """
 
