@@ -7,7 +7,7 @@ batch 256. `:2`: C 200, m 25, top-k 1.28, 1 / 2 / act 1 / 7, p 0.9, lr 1e-3 cosi
 
 `:1,tuned`: the 1-layer recipe with init scale 1 and Schatten 20. Init scale 1 trained on all 4 seeds
 tried (init scale 2 on 1 of 4); with Schatten 20 seed 1 reached 100 / 100 features with a dedicated
-component at 10k where Schatten 10 stops at 90, and seeds 0 and 2 were at 97 and 96 by step 7k
+component at 10k where Schatten 10 stops at 90, and seeds 0 and 2 were at 98 and 96 by step 8k
 (measurements in docs/results.md). The plain `:1` stays the spec's reference recipe.
 """
 
