@@ -5,7 +5,7 @@ The core is pure: parameters are pytrees, every operation a function of (params,
 
 from spdjax import xla_flags  # noqa: F401  (must run before JAX initialises its backend)
 from spdjax.ci import CIParams, init_ci
-from spdjax.components import Components, materialised_kernel, masked_site_output
+from spdjax.components import Components, masked_site_output, materialised_kernel
 from spdjax.decomposition import SPDParams, init_decomposition
 from spdjax.export import load
 from spdjax.losses import LossConfig, loss_fn

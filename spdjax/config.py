@@ -27,13 +27,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import pathlib
-import typing
 from typing import Any
 
 import ml_collections
 
 from spdjax.ci import CI_KINDS
-from spdjax.losses import LossConfig
+from spdjax.fields import dataclass_from, to_dict
+from spdjax.losses import LossConfig, loss_config_from  # noqa: F401  (re-exported)
 from spdjax.sharding import MeshConfig
 from spdjax.sites import SitePattern, as_patterns
 from spdjax.train import OptimConfig
@@ -91,53 +91,6 @@ def load_config_file(spec: str | pathlib.Path, arg: str | None = None) -> ml_col
     return module.get_config(arg) if arg else module.get_config()
 
 
-def _to_dict(section, name: str) -> dict:
-    if section is None:
-        return {}
-    if isinstance(section, ml_collections.ConfigDict):
-        return section.to_dict()
-    if isinstance(section, dict):
-        return dict(section)
-    raise TypeError(f"config.{name} must be a ConfigDict/dict, got {type(section).__name__}")
-
-
-def _type_ok(value, hint) -> bool:
-    """Scalar type check against a field's annotation (int for float fields is fine; bool is not int)."""
-    args = typing.get_args(hint)
-    if args and type(None) in args:
-        if value is None:
-            return True
-        hint = next(a for a in args if a is not type(None))
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    return True
-
-
-def dataclass_from(cls, values: dict, section: str, required: tuple[str, ...] = ()):
-    """`cls(**values)` with errors naming `config.<section>`: unknown, missing or mistyped fields."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(f"config.{section}: unknown field(s) {unknown}; allowed: {sorted(fields)}")
-    missing = sorted(set(required) - set(values))
-    if missing:
-        raise ValueError(f"config.{section}: missing field(s) {missing}")
-    hints = typing.get_type_hints(cls)
-    for name, value in values.items():
-        if not _type_ok(value, hints[name]):
-            raise ValueError(
-                f"config.{section}.{name} must be of type {hints[name]}, got {value!r} "
-                f"({type(value).__name__})"
-            )
-    return cls(**values)
-
-
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"config.{name} must be an int >= 1, got {value!r}")
@@ -148,21 +101,6 @@ def _nonneg_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"config.{name} must be an int >= 0, got {value!r}")
     return value
-
-
-def loss_config_from(section) -> LossConfig:
-    values = _to_dict(section, "loss")
-    coeffs = values.pop("coeffs", None)
-    if coeffs is not None:
-        coeffs = _to_dict(coeffs, "loss.coeffs")
-        for k, v in coeffs.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"config.loss.coeffs.{k} must be a number, got {v!r}")
-        values["coeffs"] = tuple((k, float(v)) for k, v in coeffs.items())
-    try:
-        return dataclass_from(LossConfig, values, "loss")
-    except TypeError as e:
-        raise ValueError(f"config.loss: {e}") from None
 
 
 def _method(value) -> str:
@@ -179,7 +117,7 @@ def parse(cfg: ml_collections.ConfigDict) -> RunConfig:
     for required in ("experiment", "sites", "optim"):
         if cfg.get(required) is None:
             raise ValueError(f"config.{required} is required")
-    ci = _to_dict(cfg.get("ci"), "ci")
+    ci = to_dict(cfg.get("ci"), "ci")
     bad = sorted(set(ci) - {"type", "hidden"})
     if bad:
         raise ValueError(f"config.ci: unknown field(s) {bad}; allowed: ['hidden', 'type']")
@@ -194,7 +132,7 @@ def parse(cfg: ml_collections.ConfigDict) -> RunConfig:
         identity = as_patterns(tuple(tuple(s) for s in cfg.get("identity", ()) or ())) if cfg.get("identity") else ()
     except (TypeError, ValueError) as e:
         raise ValueError(f"config.sites/identity: {e}") from None
-    optim_values = _to_dict(cfg.get("optim"), "optim")
+    optim_values = to_dict(cfg.get("optim"), "optim")
     try:
         optim = dataclass_from(OptimConfig, optim_values, "optim")
     except TypeError as e:
@@ -217,7 +155,7 @@ def parse(cfg: ml_collections.ConfigDict) -> RunConfig:
         keep_checkpoints=_positive_int(cfg.get("keep_checkpoints", 3), "keep_checkpoints"),
         eval_every=_positive_int(cfg.get("eval_every", 1000), "eval_every"),
         figures_every=_nonneg_int(cfg.get("figures_every", 0), "figures_every"),
-        mesh=dataclass_from(MeshConfig, _to_dict(cfg.get("mesh"), "mesh"), "mesh"),
+        mesh=dataclass_from(MeshConfig, to_dict(cfg.get("mesh"), "mesh"), "mesh"),
         method=_method(cfg.get("method", "spd")),
         apd=cfg.get("apd"),
     )

@@ -19,6 +19,7 @@ from spdjax import masks as masks_lib
 from spdjax.ci import ci_raw
 from spdjax.components import faithfulness_loss, masked_site_output, site_components
 from spdjax.decomposition import SPDParams
+from spdjax.fields import dataclass_from, to_dict
 from spdjax.masks import SiteMask
 from spdjax.sigmoids import get_sigmoids
 from spdjax.targets.base import Target
@@ -513,3 +514,19 @@ def loss_fn(
         metrics[f"ci_l0/{n}"] = v
     metrics["p"] = jnp.asarray(annealed_p(config, ctx.progress), jnp.float32)
     return total, metrics
+
+
+def loss_config_from(section) -> LossConfig:
+    """The `loss` section of a run config (ConfigDict, dict or None) -> `LossConfig`; errors name the field."""
+    values = to_dict(section, "loss")
+    coeffs = values.pop("coeffs", None)
+    if coeffs is not None:
+        coeffs = to_dict(coeffs, "loss.coeffs")
+        for k, v in coeffs.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"config.loss.coeffs.{k} must be a number, got {v!r}")
+        values["coeffs"] = tuple((k, float(v)) for k, v in coeffs.items())
+    try:
+        return dataclass_from(LossConfig, values, "loss")
+    except TypeError as e:
+        raise ValueError(f"config.loss: {e}") from None

@@ -164,7 +164,7 @@ def run(
         params = _params_for_host(s.params, mesh)  # collective: every process takes part
         if not lead:
             return None
-        gt = exp.analyze(params, exp.target, workdir / "figures" / f"step_{step}" if figures else None)
+        gt = exp.analyze(params, exp.target, workdir / "figures" / f"step_{step}" if figures else None, rc.loss)
         host.update({k: float(v) for k, v in gt.items() if isinstance(v, (int, float))})
         return host
 
@@ -314,7 +314,7 @@ def finish(rc: RunConfig, exp, state: TrainState, workdir: Path, wall: float) ->
         workdir / "decomposition", state.params, exp.target.sites, rc.ci_type, rc.ci_hidden,
         extra={"experiment": rc.experiment, "step": int(state.step), **exp.info},
     )
-    summary = dict(exp.analyze(state.params, exp.target, workdir))
+    summary = dict(exp.analyze(state.params, exp.target, workdir, rc.loss))
     last = _last_metrics(workdir / "metrics.jsonl")
     summary.update({f"final/{k}": v for k, v in last.items() if k not in ("step", "wall_time_s")})
     summary["wall_time_s"] = wall

@@ -10,10 +10,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_ref_apd as ref  # tests/ is on sys.path
 import pytest
 from jax.test_util import check_grads
 
-import numpy_ref_apd as ref  # tests/ is on sys.path
 import spdjax
 from spdjax.apd import attributions as attr_lib
 from spdjax.apd import topk as topk_lib

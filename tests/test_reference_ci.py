@@ -3,13 +3,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_ref as ref  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 from jax.test_util import check_grads
 
 from spdjax.ci import CIParams, ci_raw, init_ci
 from spdjax.components import Components
 from spdjax.sites import SiteSpec
-import numpy_ref as ref  # tests/ is on sys.path (pytest rootdir-relative import)
 
 KINDS = ("mlp", "vector_mlp", "shared_mlp")
 HIDDEN = ((), (4,), (4, 3))

@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_ref as ref  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 from flax import nnx
 from jax.test_util import check_grads
@@ -13,11 +14,10 @@ from jax.test_util import check_grads
 import spdjax
 from spdjax import losses
 from spdjax.ci import CIParams
-from spdjax.components import Components, faithfulness_loss, materialised_kernel, masked_site_output
+from spdjax.components import Components, faithfulness_loss, masked_site_output, materialised_kernel
 from spdjax.decomposition import SPDParams
 from spdjax.masks import SiteMask
 from spdjax.sites import SiteSpec
-import numpy_ref as ref  # tests/ is on sys.path (pytest rootdir-relative import)
 
 RTOL, ATOL = 1e-5, 1e-6
 B, T = 2, 3

@@ -3,11 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_ref as ref  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 
 from spdjax import masks as masks_lib
 from spdjax.masks import SiteMask
-import numpy_ref as ref  # tests/ is on sys.path (pytest rootdir-relative import)
 
 B, T = 4, 5
 S = 64

@@ -3,11 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_ref as ref  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
 from jax.test_util import check_grads
 
 from spdjax import sigmoids
-import numpy_ref as ref  # tests/ is on sys.path (pytest rootdir-relative import)
 
 RTOL, ATOL = 1e-6, 1e-7
 

@@ -243,7 +243,7 @@ def test_build_smoke(tmp_path, monkeypatch):
     params = spdjax.init_decomposition(jax.random.PRNGKey(0), t, run.ci_type, run.ci_hidden)
     optim = run.optim.__class__(**{**run.optim.__dict__, "steps": 2, "faithfulness_warmup_steps": 2})
     state, _ = train(t, params, run.loss, optim, jax.random.PRNGKey(1), batch_fn=exp.batch_fn)
-    out = exp.analyze(state.params, t, tmp_path / "run")
+    out = exp.analyze(state.params, t, tmp_path / "run", run.loss)
     json.dumps(out)
     for k in [
         "ci_l0/layers.0.mlp_in", "ci_l0/layers.0.mlp_out", "n_ci_active/layers.0.mlp_out", "n_alive/layers.0.mlp_in",
@@ -315,9 +315,9 @@ def test_identity_ci_error_perfect_two_layers():
     analyze = analysis.make_analyze(
         n_features=n_f, d_mlp=m, feature_prob=0.1, weights={"W_E": W_E, "W_in": W_in, "W_out": W_out},
         eval_batch_fn=lambda k: train_target.sample_features(k, 64, n_f, 0.1), seed=0,
-        sigmoid="leaky_hard", ci_l0_threshold=0.1, info={"seed_used": 3, "final_loss": 0.5},
+        info={"seed_used": 3, "final_loss": 0.5},
     )
-    out = analyze(params, target, None)
+    out = analyze(params, target, None, spdjax.LossConfig())
     assert out["identity_ci_error/layers.*.mlp_in"] == 0
     assert out["identity_ci_error/layers.0.mlp_out"] == 0 and out["identity_ci_error/layers.1.mlp_out"] == 0
     assert out["identity_ci_error"] == 0 and out["identity_ci_error_tol0.2"] == 0

@@ -3,15 +3,16 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_ref as ref
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
+from test_reference_losses import B, T, _build, _np_comps, _random_masks
 
 from spdjax import losses
 from spdjax import masks as masks_lib
 from spdjax.masks import SiteMask
-import numpy_ref as ref
-from test_reference_losses import B, T, _build, _np_comps, _random_masks
 
 RTOL, ATOL = 1e-5, 1e-6
 NAMES = ("fc1", "fc2")
@@ -275,8 +276,9 @@ def test_loss_config_rejects_bad_subset_pgd_fields(field, value):
 
 
 def test_one_hot_recon_error_against_reference():
-    from spdjax import metrics
     from test_reference_losses import _np_ci
+
+    from spdjax import metrics
 
     _, target, params, layers, _ = _build()
     got = metrics.one_hot_recon_error(params, target, 4, 0.75)

@@ -193,7 +193,7 @@ def test_build_smoke(tmp_path, monkeypatch):
     params = spdjax.init_decomposition(jax.random.PRNGKey(0), t, run.ci_type, run.ci_hidden)
     optim = run.optim.__class__(**{**run.optim.__dict__, "steps": 2, "faithfulness_warmup_steps": 2})
     state, hist = train(t, params, run.loss, optim, jax.random.PRNGKey(1), batch_fn=exp.batch_fn)
-    out = exp.analyze(state.params, t, tmp_path / "run")
+    out = exp.analyze(state.params, t, tmp_path / "run", run.loss)
     json.dumps(out)  # flat and JSON-able
     for k in [
         "mmcs", "ml2r", "n_alive/linear1", "n_alive/linear2.pre_identity", "ci_l0/linear1",
@@ -246,10 +246,10 @@ def test_analyze_perfect_solution(tmp_path):
     )
     sample = lambda key: train_target.sample_features(key, 512, 5, 0.05)
     analyze = analysis.make_analyze(
-        n_features=5, eval_batch_fn=sample, seed=0, sigmoid="leaky_hard", ci_l0_threshold=0.1,
+        n_features=5, eval_batch_fn=sample, seed=0,
         info={"seed_used": 7, "n_represented": 5},
     )
-    out = analyze(_perfect_params(W), target, tmp_path)
+    out = analyze(_perfect_params(W), target, tmp_path, spdjax.LossConfig())
     assert out["mmcs"] == pytest.approx(1.0, abs=1e-6)
     assert out["ml2r"] == pytest.approx(1.0, abs=1e-6)
     assert out["n_alive/linear1"] == 5 and out["n_alive/linear2.pre_identity"] == 2

@@ -13,10 +13,7 @@ from pathlib import Path
 
 import ml_collections
 
-
 import spdjax
-from spdjax.config import run_config as spd_run_config
-from spdjax.config import shrink_for_smoke
 from experiments import Experiment
 from experiments.resid_mlp.analysis import make_analyze
 from experiments.resid_mlp.model import (
@@ -32,6 +29,8 @@ from experiments.resid_mlp.train_target import (
     sample_features,
     train_resid_mlp,
 )
+from spdjax.config import run_config as spd_run_config
+from spdjax.config import shrink_for_smoke
 
 __all__ = [
     "ResidMLP",
@@ -86,8 +85,6 @@ def build(run, cache_dir: Path | None) -> Experiment:
         weights=weights,
         eval_batch_fn=eval_batch_fn,
         seed=run.seed,
-        sigmoid=run.loss.sigmoid,
-        ci_l0_threshold=run.loss.ci_l0_threshold,
         info=info,
     )
     keys = ("seed_used", "final_loss", "initial_loss", "train_time_s", "platform")

@@ -22,7 +22,7 @@ import numpy as np
 from experiments.resid_mlp.model import neuron_contributions
 from spdjax import metrics, plots
 from spdjax.decomposition import SPDParams
-from spdjax.losses import clean_forward
+from spdjax.losses import LossConfig, clean_forward
 from spdjax.targets.base import Target
 
 ONE_HOT_VALUE = 0.75
@@ -134,11 +134,10 @@ def make_analyze(
     weights: dict,
     eval_batch_fn: Callable,
     seed: int,
-    sigmoid: str,
-    ci_l0_threshold: float,
     info: dict,
-) -> Callable[[SPDParams, Target, Path | None], dict]:
-    """`analyze(params, target, workdir) -> flat summary dict`, writing figures into `workdir` (None: none).
+) -> Callable[[SPDParams, Target, Path | None, LossConfig], dict]:
+    """`analyze(params, target, workdir, loss) -> flat summary dict`, writing figures into `workdir`
+    (None: none); the CI sigmoid and the CI-L0 threshold come from `loss` (the run's `LossConfig`).
 
     Keys: `ci_l0/<site>` and `n_ci_active/<site>` (held-out batch; `metrics.n_ci_active`), `n_alive/<site>` and `n_alive`; IdentityCIError on one-hot
     inputs 0.75 e_i: `identity_ci_error/<W_in site>` (one layer) or `identity_ci_error/layers.*.mlp_in`
@@ -161,7 +160,8 @@ def make_analyze(
     """
     weights = {k: np.asarray(weights[k], np.float64) for k in ("W_E", "W_in", "W_out")}
 
-    def analyze(params: SPDParams, target: Target, workdir: Path | None) -> dict:
+    def analyze(params: SPDParams, target: Target, workdir: Path | None, loss: LossConfig) -> dict:
+        sigmoid, ci_l0_threshold = loss.sigmoid, loss.ci_l0_threshold
         out: dict = {}
         names = [s.name for s in target.sites]
         w_in = [n for n in names if n.endswith(".mlp_in")]

@@ -26,8 +26,8 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float
 
-from experiments.resid_mlp.model import random_embedding, resid_mlp_forward
 from experiments.cache import atomic_write
+from experiments.resid_mlp.model import random_embedding, resid_mlp_forward
 from spdjax.config import dataclass_from
 
 CACHE_FORMAT = 1  # bump when the trainer changes in a way that changes its results

@@ -13,8 +13,6 @@ from pathlib import Path
 import ml_collections
 
 import spdjax
-from spdjax.config import run_config as spd_run_config
-from spdjax.config import shrink_for_smoke
 from experiments import Experiment
 from experiments.tms.analysis import make_analyze
 from experiments.tms.model import TMS, represented_features, tms_forward, tms_from_weights
@@ -25,6 +23,8 @@ from experiments.tms.train_target import (
     train_represented,
     train_tms,
 )
+from spdjax.config import run_config as spd_run_config
+from spdjax.config import shrink_for_smoke
 
 __all__ = [
     "TMS",
@@ -64,8 +64,6 @@ def build(run, cache_dir: Path | None) -> Experiment:
         n_features=n_f,
         eval_batch_fn=eval_batch_fn,
         seed=run.seed,
-        sigmoid=run.loss.sigmoid,
-        ci_l0_threshold=run.loss.ci_l0_threshold,
         info=info,
     )
     info = flat_info(info)

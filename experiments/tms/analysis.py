@@ -11,6 +11,7 @@ import numpy as np
 from spdjax import metrics, plots
 from spdjax.components import site_components
 from spdjax.decomposition import SPDParams
+from spdjax.losses import LossConfig
 from spdjax.targets.base import Target
 
 ONE_HOT_VALUE = 0.75
@@ -32,11 +33,10 @@ def make_analyze(
     n_features: int,
     eval_batch_fn: Callable,
     seed: int,
-    sigmoid: str,
-    ci_l0_threshold: float,
     info: dict,
-) -> Callable[[SPDParams, Target, Path], dict]:
-    """`analyze(params, target, workdir) -> flat summary dict`, writing figures into `workdir` (None: none).
+) -> Callable[[SPDParams, Target, Path | None, LossConfig], dict]:
+    """`analyze(params, target, workdir, loss) -> flat summary dict`, writing figures into `workdir`
+    (None: none); the CI sigmoid and the CI-L0 threshold come from `loss` (the run's `LossConfig`).
 
     Keys: `mmcs`, `ml2r` (on W, the `linear1` site; also `mmcs/<site>`, `ml2r/<site>` for every primary
     linear site), `n_alive/<site>` for every primary site and `n_alive` (their sum), `n_alive_gap/<site>` and
@@ -46,7 +46,8 @@ def make_analyze(
     `target_n_represented`.
     """
 
-    def analyze(params: SPDParams, target: Target, workdir: Path | None) -> dict:
+    def analyze(params: SPDParams, target: Target, workdir: Path | None, loss: LossConfig) -> dict:
+        sigmoid, ci_l0_threshold = loss.sigmoid, loss.ci_l0_threshold
         out: dict = {}
         kernels = {k: np.asarray(v) for k, v in target.kernels().items()}
         for s in target.primary_sites:

@@ -27,8 +27,8 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float
 
-from experiments.tms.model import represented_features, tms_forward
 from experiments.cache import atomic_write
+from experiments.tms.model import represented_features, tms_forward
 from spdjax.config import dataclass_from
 
 CACHE_FORMAT = 1  # bump when the trainer changes in a way that changes its results

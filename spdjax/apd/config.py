@@ -12,14 +12,14 @@ from __future__ import annotations
 import ml_collections
 
 from spdjax.apd.losses import APDConfig
-from spdjax.config import _to_dict, dataclass_from
+from spdjax.fields import dataclass_from, to_dict
 
 
 def apd_config_from(section) -> APDConfig:
-    values = _to_dict(section, "apd")
+    values = to_dict(section, "apd")
     coeffs = values.pop("coeffs", None)
     if coeffs is not None:
-        coeffs = _to_dict(coeffs, "apd.coeffs")
+        coeffs = to_dict(coeffs, "apd.coeffs")
         for k, v in coeffs.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"config.apd.coeffs.{k} must be a number, got {v!r}")
