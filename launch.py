@@ -1,4 +1,7 @@
-"""Run an SPD decomposition: `python launch.py --config=configs/tms_5-2.py[:smoke] [--workdir=DIR]`.
+"""Run a decomposition (SPD or APD): `python launch.py --config=configs/tms_5-2.py[:smoke] [--workdir=DIR]`.
+
+The entry point only resolves the experiment family (`experiments.builder`) and hands it, with the
+config, to the library's one runner (`spdjax.runner`), which picks the method from the config.
 
 Re-running the same command resumes from the newest checkpoint in the workdir.
 `--mode=analyze` regenerates the summary and figures of a finished run without training.
@@ -16,7 +19,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from spdjax.run import ConfigMismatchError, analyze, format_summary, run
+import experiments
+from spdjax.runner import ConfigMismatchError, RunOptions, analyze, format_summary, run
 from spdjax.train import NonFiniteError
 
 CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")  # > 1: started as several processes
@@ -72,13 +76,14 @@ def main(argv):
 
         lead = jax.process_index() == 0
     try:
+        build = experiments.builder(_CACHE.value)
         if _MODE.value == "analyze":
-            summary = analyze(_CONFIG.value, workdir, _CACHE.value) if lead else None
+            summary = analyze(_CONFIG.value, workdir, build) if lead else None
         else:
-            summary = run(
-                _CONFIG.value, workdir, _CACHE.value, quiet=_QUIET.value, fresh=_FRESH.value,
-                allow_config_change=_ALLOW.value, wandb_project=_WANDB.value,
+            options = RunOptions(
+                quiet=_QUIET.value, fresh=_FRESH.value, allow_config_change=_ALLOW.value, wandb_project=_WANDB.value
             )
+            summary = run(_CONFIG.value, workdir, build, options)
     except (ConfigMismatchError, NonFiniteError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,43 +1,45 @@
 """Experiment families: each builds a target, its data and its ground-truth analysis from a config.
 
-A family module exposes `build(run: spdjax.config.RunConfig, cache_dir: pathlib.Path) -> Experiment`.
+A family is a package here (or any importable module, named by its dotted path in the config's
+`experiment` field) with `build(run: spdjax.config.RunConfig, cache_dir: pathlib.Path) ->
+spdjax.experiment.Experiment`. `builder(cache_dir)` is what launch.py hands the runner.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
+import pkgutil
 from pathlib import Path
-from typing import Any, Callable
+from types import ModuleType
 
-from jaxtyping import Array
+from spdjax.experiment import Build, Experiment
 
-from spdjax.decomposition import SPDParams
-from spdjax.targets.base import Target
-
-FAMILIES = ("tms", "resid_mlp")
+__all__ = ["Experiment", "available", "build", "builder", "family"]
 
 
-@dataclasses.dataclass
-class Experiment:
-    """What `launch.py` needs from a family.
+def available() -> list[str]:
+    """The families in this package."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.ispkg)
 
-    target: the trained target with its sites chosen (from `run.sites`, `run.tied`, `run.identity`).
-    batch_fn: `key -> batch` of `run.batch_size` examples; pure and jittable (sampled on device).
-    analyze: `(params, target, workdir) -> summary dict` of ground-truth metrics (flat, JSON-able
-      floats/ints/lists) and figures written as PNG into `workdir`; `workdir=None` skips the figures
-      (periodic evaluation).
-    info: facts about the target worth recording (e.g. the seed its training ended up using).
-    """
 
-    target: Target
-    batch_fn: Callable[[Array], Any]
-    analyze: Callable[[SPDParams, Target, Path], dict]
-    info: dict = dataclasses.field(default_factory=dict)
+def family(name: str) -> ModuleType:
+    """The family module named `name`: `experiments.<name>`, or a dotted module path of the user's."""
+    module_name = name if "." in name else f"experiments.{name}"
+    if "." not in name and name not in available():
+        raise ValueError(f"config.experiment: unknown family {name!r}; allowed: {available()} or a module path")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"config.experiment: cannot import {module_name!r} ({e})") from None
+    if not callable(getattr(module, "build", None)):
+        raise ValueError(f"config.experiment: module {module_name!r} has no build(run, cache_dir) function")
+    return module
 
 
 def build(run, cache_dir: Path) -> Experiment:
-    if run.experiment not in FAMILIES:
-        raise ValueError(f"config.experiment: unknown family {run.experiment!r}; allowed: {list(FAMILIES)}")
-    module = importlib.import_module(f"experiments.{run.experiment}")
-    return module.build(run, Path(cache_dir))
+    return family(run.experiment).build(run, Path(cache_dir))
+
+
+def builder(cache_dir: str | Path) -> Build:
+    """`build(run_config) -> Experiment` with the target cache directory bound (what the runner takes)."""
+    return lambda run: build(run, Path(cache_dir))

@@ -25,44 +25,36 @@ import time
 
 
 def _build(cfg, cache_dir: str, n_devices: int | None, mesh_model: int):
-    """`(state, target, step, mesh)` for one config: SPD (default) or APD (`cfg.method == "apd"`)."""
+    """`(state, target, step, batch, mesh)` for one config, whatever its method: the runner's pieces."""
     import jax
 
     import experiments
     from spdjax import sharding
     from spdjax.config import parse
-    from spdjax.train import init_train_state
+    from spdjax.optim import make_optimizer
+    from spdjax.train import init_train_state, make_train_step
 
     rc = parse(cfg)
+    method = rc.method
     exp = experiments.build(rc, cache_dir)
-    if cfg.get("method", "spd") == "apd":
-        if n_devices is not None:
-            raise ValueError("--devices: APD steps are not sharded; benchmark APD configs without --devices")
-        from spdjax.apd import train as apd_train
-        from spdjax.apd.components import init_apd
-        from spdjax.apd.config import apd_config_from
-
-        apd = apd_config_from(rc.apd)
-        apd_train.check_optim(rc.optim)
-        opt = apd_train.make_optimizer(rc.optim)
-        params = init_apd(jax.random.key(0), exp.target, apd.C, apd.m, apd.init_scale, init_type=apd.init_type)
-        state = init_train_state(params, opt, jax.random.key(1))
-        return state, exp.target, apd_train.make_train_step(apd, opt, exp.batch_fn), None
-
-    from spdjax.decomposition import init_decomposition
-    from spdjax.train import make_optimizer, make_train_step
-
-    params = init_decomposition(jax.random.key(0), exp.target, rc.ci_type, rc.ci_hidden)
-    opt = make_optimizer(rc.optim)
+    opt = make_optimizer(rc.optim, *method.gradient_transforms(rc.optim))
+    params = method.init_params(jax.random.key(0), exp.target, rc.precision.param)
     state = init_train_state(params, opt, jax.random.key(1))
     target, mesh, shardings = exp.target, None, None
     if n_devices is not None:
         mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, model=mesh_model), jax.devices()[:n_devices])
         sharding.check_batch_size(rc.batch_size, mesh)
-        shardings = sharding.state_shardings(state, mesh)
+        shardings = sharding.state_shardings(state, mesh, method)
         state = sharding.place(state, shardings)
         target = sharding.place(target, sharding.replicated(mesh))
-    return state, target, make_train_step(rc.loss, opt, rc.optim.steps, exp.batch_fn, mesh=mesh, shardings=shardings), mesh
+    batch = None
+    if exp.host_data is not None:  # host-side data: time the step on one fixed batch
+        batch = next(exp.host_data.train_iterator())
+        batch = sharding.global_batch(batch, mesh) if mesh is not None else jax.device_put(batch)
+    step = make_train_step(
+        method, opt, rc.optim.steps, exp.batch_fn, mesh=mesh, shardings=shardings, compute_dtype=rc.precision.compute
+    )
+    return state, target, step, batch, mesh
 
 
 def bench_one(
@@ -73,11 +65,11 @@ def bench_one(
     from spdjax.config import load_config_file
 
     cfg = load_config_file(config_path)
-    state, target, step, mesh = _build(cfg, cache_dir, n_devices, mesh_model)
+    state, target, step, batch, mesh = _build(cfg, cache_dir, n_devices, mesh_model)
     n_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
 
     t0 = time.perf_counter()
-    compiled = step.lower(state, target).compile()
+    compiled = step.lower(state, target, batch).compile()
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     if isinstance(cost, list):
@@ -85,12 +77,12 @@ def bench_one(
     flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
 
     for _ in range(warmup):
-        state, m = step(state, target)
+        state, m = step(state, target, batch)
     jax.block_until_ready(m)
     wall, cpu = [], []
     for _ in range(steps):
         w0, c0 = time.perf_counter(), time.process_time()
-        state, m = step(state, target)
+        state, m = step(state, target, batch)
         jax.block_until_ready(m)
         wall.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)

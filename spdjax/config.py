@@ -1,25 +1,25 @@
-"""ml_collections ConfigDict -> frozen, validated dataclasses. Every error names the field.
+"""Run configs: ml_collections ConfigDict -> a frozen, validated `RunConfig`. Every error names the field.
 
-Layout of a run config (see configs/*.py):
+Layout of a run config (configs/*.py show every field of their recipe):
 
-    experiment: str            # experiment family, e.g. "tms"
+    experiment: str            # experiment family: a package under experiments/ (e.g. "tms") or a module path
+    method: str                # "spd" (default) or "apd": spdjax.methods.METHODS; it reads its own sections:
+      ci, loss                 #   SPD: the CI function {type, hidden} and the loss terms (spdjax.losses)
+      apd                      #   APD: spdjax.apd.config
     seed: int
     target: ConfigDict         # family-specific target settings
     sites: ((pattern, C), ...) # glob over module paths and C per matched site
     tied: ((site, primary), ...)
     identity: ((pattern, C), ...)   # identity inserted before the matched layers
-    ci: {type, hidden}
-    loss: {coeffs: {term: coeff}, n_mask_samples, mask_type, use_delta_component, sigmoid,
-           output_loss, pnorm, p_anneal_*, minimality_beta, ci_l0_threshold, layerwise_unroll,
-           subset_routing, subset_p, pgd_init, pgd_n_steps, pgd_step_size, pgd_mask_scope}
-    optim: {steps, lr, schedule, warmup_frac, final_lr_frac, clip_components, clip_ci,
-            faithfulness_warmup_steps, faithfulness_warmup_lr, faithfulness_warmup_weight_decay}
+    optim: {steps, lr, schedule, warmup_frac, final_lr_frac, ...}  (spdjax.optim.OptimConfig)
     batch_size: int, eval_batch_size: int, log_every: int
     checkpoint_every: int (steps between checkpoints; default 1000), keep_checkpoints: int (default 3)
     eval_every: int (held-out evaluation: every loss term, CI-L0, ground-truth metrics; default 1000)
     figures_every: int (figures during training, into figures/step_N; 0 = only at the end)
-    mesh: {data, model}        # device mesh axis sizes, -1 = all remaining devices (spdjax.sharding)
-    method: "spd" (default) or "apd" (spdjax.apd; its settings in the `apd` section)
+    mesh: {data, model}        # device mesh axis sizes (spdjax.sharding.MeshConfig; default: every device on data)
+    precision: {param_dtype, compute_dtype}   # "float32" (default), "bfloat16", "float16"
+
+`parse_arg` is the one parser of config-file arguments (`--config=configs/x.py:2,paper,smoke`).
 """
 
 from __future__ import annotations
@@ -27,36 +27,59 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import pathlib
+from types import SimpleNamespace
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 
-from spdjax.ci import CI_KINDS
+from spdjax import methods
 from spdjax.fields import dataclass_from, to_dict
-from spdjax.losses import LossConfig, loss_config_from  # noqa: F401  (re-exported)
+from spdjax.method import Method
+from spdjax.optim import OptimConfig
 from spdjax.sharding import MeshConfig
 from spdjax.sites import SitePattern, as_patterns
-from spdjax.train import OptimConfig
 
-TOP_LEVEL = {
-    "experiment", "seed", "target", "sites", "tied", "identity", "ci", "loss", "optim",
-    "batch_size", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
-    "eval_every", "figures_every", "mesh", "method", "apd",
+GENERIC = {
+    "experiment", "method", "seed", "target", "sites", "tied", "identity", "optim", "batch_size",
+    "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "figures_every",
+    "mesh", "precision",
 }
-METHODS = ("spd", "apd")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionConfig:
+    """`param_dtype`: the trained parameters (and Adam's state); `compute_dtype`: what the loss computes
+    in (bf16 compute with float32 master weights is what accelerators want)."""
+
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        for f in ("param_dtype", "compute_dtype"):
+            if getattr(self, f) not in DTYPES:
+                raise ValueError(f"config.precision.{f}: unknown {getattr(self, f)!r}; allowed: {list(DTYPES)}")
+
+    @property
+    def param(self):
+        return DTYPES[self.param_dtype]
+
+    @property
+    def compute(self):
+        """The compute dtype, or None when it equals the parameter dtype (nothing to cast)."""
+        return None if self.compute_dtype == self.param_dtype else DTYPES[self.compute_dtype]
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     experiment: str
+    method: Method  # the method, holding its parsed settings (`method.settings`)
     seed: int
     target: Any  # ConfigDict, interpreted by the experiment family
     sites: tuple[SitePattern, ...]
     tied: tuple[tuple[str, str], ...]
     identity: tuple[SitePattern, ...]
-    ci_type: str
-    ci_hidden: tuple[int, ...]
-    loss: LossConfig
     optim: OptimConfig
     batch_size: int
     eval_batch_size: int
@@ -66,8 +89,7 @@ class RunConfig:
     eval_every: int = 1000
     figures_every: int = 0
     mesh: MeshConfig = MeshConfig()
-    method: str = "spd"  # "apd": spdjax.apd (settings in the `apd` section, parsed by spdjax.apd.config)
-    apd: Any = None
+    precision: PrecisionConfig = PrecisionConfig()
 
 
 def load_config_file(spec: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -91,6 +113,32 @@ def load_config_file(spec: str | pathlib.Path, arg: str | None = None) -> ml_col
     return module.get_config(arg) if arg else module.get_config()
 
 
+
+
+def parse_arg(arg: str | None, config: str, flags: tuple[str, ...] = (), **choices: tuple) -> SimpleNamespace:
+    """The argument of a config file's `get_config(arg)`: comma-separated words, each a flag or one value
+    of a choice. `choices` map a name to its allowed values, the first being the default (None: no
+    default). E.g. `parse_arg("2,smoke", "resid_mlp", ("smoke", "paper"), layers=("1", "2", "3"))` ->
+    `namespace(smoke=True, paper=False, layers="2")`. One-line errors name the config file."""
+    parts = [p.strip() for p in str(arg or "").split(",") if p.strip()]
+    out = {f: False for f in flags}
+    out.update({name: values[0] for name, values in choices.items()})
+    seen: set[str] = set()
+    words = list(flags) + [v for values in choices.values() for v in values if v is not None]
+    for p in parts:
+        if p in flags:
+            out[p] = True
+            continue
+        group = next((name for name, values in choices.items() if p in values), None)
+        if group is None:
+            raise ValueError(f"configs/{config}.py: unknown argument {p!r}; allowed: {', '.join(words)}")
+        if group in seen:
+            raise ValueError(f"configs/{config}.py: at most one {group}, got {arg!r}")
+        seen.add(group)
+        out[group] = p
+    return SimpleNamespace(**out)
+
+
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"config.{name} must be an int >= 1, got {value!r}")
@@ -103,50 +151,36 @@ def _nonneg_int(value, name: str) -> int:
     return value
 
 
-def _method(value) -> str:
-    if value not in METHODS:
-        raise ValueError(f"config.method: unknown {value!r}; allowed: {list(METHODS)}")
-    return value
-
-
 def parse(cfg: ml_collections.ConfigDict) -> RunConfig:
     """Validate a run config; raises ValueError naming the offending field."""
-    unknown = sorted(set(cfg.keys()) - TOP_LEVEL)
+    method_cls = methods.get(cfg.get("method", "spd"))
+    allowed = GENERIC | set(method_cls.sections)
+    unknown = sorted(set(cfg.keys()) - allowed)
     if unknown:
-        raise ValueError(f"config: unknown field(s) {unknown}; allowed: {sorted(TOP_LEVEL)}")
+        others = sorted({s for m in methods.METHODS.values() for s in m.sections} - set(method_cls.sections))
+        hint = [u for u in unknown if u in others]
+        extra = f" ({hint} belong to another method)" if hint else ""
+        raise ValueError(f"config: unknown field(s) {unknown} for method {method_cls.name!r}{extra}; allowed: {sorted(allowed)}")
     for required in ("experiment", "sites", "optim"):
         if cfg.get(required) is None:
             raise ValueError(f"config.{required} is required")
-    ci = to_dict(cfg.get("ci"), "ci")
-    bad = sorted(set(ci) - {"type", "hidden"})
-    if bad:
-        raise ValueError(f"config.ci: unknown field(s) {bad}; allowed: ['hidden', 'type']")
-    ci_type = ci.get("type", "mlp")
-    if ci_type not in CI_KINDS:
-        raise ValueError(f"config.ci.type: unknown CI function {ci_type!r}; allowed: {list(CI_KINDS)}")
-    hidden = tuple(ci.get("hidden", (16,)))
-    if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
-        raise ValueError(f"config.ci.hidden must be positive ints, got {hidden!r}")
     try:
         sites = as_patterns(tuple(tuple(s) for s in cfg.sites))
         identity = as_patterns(tuple(tuple(s) for s in cfg.get("identity", ()) or ())) if cfg.get("identity") else ()
     except (TypeError, ValueError) as e:
         raise ValueError(f"config.sites/identity: {e}") from None
-    optim_values = to_dict(cfg.get("optim"), "optim")
     try:
-        optim = dataclass_from(OptimConfig, optim_values, "optim")
+        optim = dataclass_from(OptimConfig, to_dict(cfg.get("optim"), "optim"), "optim")
     except TypeError as e:
         raise ValueError(f"config.optim: {e}") from None
     return RunConfig(
         experiment=str(cfg.experiment),
+        method=method_cls.from_config(cfg, optim),
         seed=int(cfg.get("seed", 0)),
         target=cfg.get("target"),
         sites=sites,
         tied=tuple(tuple(t) for t in (cfg.get("tied", ()) or ())),
         identity=identity,
-        ci_type=ci_type,
-        ci_hidden=hidden,
-        loss=loss_config_from(cfg.get("loss")),
         optim=optim,
         batch_size=_positive_int(cfg.get("batch_size", 1024), "batch_size"),
         eval_batch_size=_positive_int(cfg.get("eval_batch_size", cfg.get("batch_size", 1024)), "eval_batch_size"),
@@ -156,93 +190,5 @@ def parse(cfg: ml_collections.ConfigDict) -> RunConfig:
         eval_every=_positive_int(cfg.get("eval_every", 1000), "eval_every"),
         figures_every=_nonneg_int(cfg.get("figures_every", 0), "figures_every"),
         mesh=dataclass_from(MeshConfig, to_dict(cfg.get("mesh"), "mesh"), "mesh"),
-        method=_method(cfg.get("method", "spd")),
-        apd=cfg.get("apd"),
+        precision=dataclass_from(PrecisionConfig, to_dict(cfg.get("precision"), "precision"), "precision"),
     )
-
-
-def run_config(
-    *,
-    experiment: str,
-    target: dict,
-    sites: tuple,
-    ci_hidden: tuple[int, ...],
-    minimality: float,
-    pnorm: float,
-    steps: int,
-    lr: float,
-    schedule: str,
-    batch_size: int,
-    tied: tuple = (),
-    identity: tuple = (),
-) -> ml_collections.ConfigDict:
-    """A run config in the layout above, reference-main recipe (stochastic + layerwise recon, delta
-    component, 200-step faithfulness warm-up), with every field present so `--config.*` can override it."""
-    from ml_collections.config_dict import placeholder
-
-    cfg = ml_collections.ConfigDict()
-    cfg.experiment = experiment
-    cfg.seed = 0
-    cfg.target = ml_collections.ConfigDict(target)
-    cfg.sites = sites
-    cfg.tied = tied
-    cfg.identity = identity
-    cfg.ci = ml_collections.ConfigDict(dict(type="mlp", hidden=ci_hidden))
-    cfg.loss = ml_collections.ConfigDict(
-        dict(
-            coeffs=dict(
-                stochastic_recon=1.0, stochastic_recon_layerwise=1.0, importance_minimality=minimality
-            ),
-            pnorm=pnorm,
-            n_mask_samples=1,
-            mask_type="continuous",
-            use_delta_component=True,
-            output_loss="mse",
-            sigmoid="leaky_hard",
-            p_anneal_start_frac=1.0,
-            p_anneal_final_p=placeholder(float),
-            p_anneal_end_frac=1.0,
-            minimality_beta=0.0,
-            ci_l0_threshold=0.1,
-            layerwise_unroll=placeholder(int),
-            subset_routing="uniform_k",
-            subset_p=0.5,
-            pgd_init="random",
-            pgd_n_steps=1,
-            pgd_step_size=1.0,
-            pgd_mask_scope="per_example",
-        )
-    )
-    cfg.optim = ml_collections.ConfigDict(
-        dict(
-            steps=steps,
-            lr=lr,
-            schedule=schedule,
-            warmup_frac=0.0,
-            final_lr_frac=0.0,
-            faithfulness_warmup_steps=200,
-            faithfulness_warmup_lr=0.01,
-            faithfulness_warmup_weight_decay=0.1,
-            clip_components=placeholder(float),
-            clip_ci=placeholder(float),
-        )
-    )
-    cfg.batch_size = batch_size
-    cfg.eval_batch_size = batch_size
-    cfg.log_every = 100
-    cfg.checkpoint_every = 1000
-    cfg.keep_checkpoints = 3
-    cfg.eval_every = 1000
-    cfg.figures_every = 0
-    cfg.mesh = ml_collections.ConfigDict(dict(data=1, model=1))
-    return cfg
-
-
-def shrink_for_smoke(cfg: ml_collections.ConfigDict, steps: int, every: int) -> ml_collections.ConfigDict:
-    """The `:smoke` variant: a few SPD steps on batches of 256, logging/checkpointing every `every`; a
-    faithfulness warm-up, if the recipe has one, shrinks to 10 steps."""
-    cfg.optim.steps = steps
-    cfg.optim.faithfulness_warmup_steps = min(cfg.optim.faithfulness_warmup_steps, 10)
-    cfg.batch_size = cfg.eval_batch_size = 256
-    cfg.log_every = cfg.checkpoint_every = cfg.eval_every = every
-    return cfg

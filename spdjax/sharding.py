@@ -43,18 +43,40 @@ DATA, MODEL = "data", "model"
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh axis sizes: `data` (batch) and `model` (subcomponent axis C); -1 = all remaining devices."""
+    """Mesh axis sizes: `data` (batch) and `model` (subcomponent axis C).
 
-    data: int = 1
+    `data=0` (the default): every device not on the `model` axis, or, where the batch sizes do not
+    divide that, the largest count that divides both (one process only). `-1`: all remaining devices
+    (an error if the batch does not divide). A positive int: exactly that many.
+    """
+
+    data: int = 0
     model: int = 1
 
     def __post_init__(self):
         for f in ("data", "model"):
             v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or not (v == -1 or v >= 1):
-                raise ValueError(f"config.mesh.{f} must be -1 (all remaining devices) or an int >= 1, got {v!r}")
+            low = 0 if f == "data" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or not (v == -1 or v >= low):
+                allowed = "0 (auto), -1 (all remaining devices)" if f == "data" else "-1 (all remaining devices)"
+                raise ValueError(f"config.mesh.{f} must be {allowed} or an int >= 1, got {v!r}")
         if self.data == -1 and self.model == -1:
             raise ValueError("config.mesh: at most one of data, model may be -1")
+        if self.data == 0 and self.model == -1:
+            raise ValueError("config.mesh: data=0 (auto) needs a fixed model axis size")
+
+
+def auto_data(cfg: MeshConfig, n_devices: int, batch_sizes: tuple[int, ...], n_processes: int = 1) -> MeshConfig:
+    """`cfg` with `data=0` resolved (see MeshConfig)."""
+    if cfg.data != 0:
+        return cfg
+    if n_devices % cfg.model:
+        raise ValueError(f"config.mesh.model={cfg.model} does not divide the device count {n_devices}")
+    n = n_devices // cfg.model
+    if n_processes > 1:
+        return dataclasses.replace(cfg, data=n)
+    d = max(k for k in range(1, n + 1) if n % k == 0 and all(b % k == 0 for b in batch_sizes))
+    return dataclasses.replace(cfg, data=d)
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int, n_processes: int = 1) -> tuple[int, int]:
@@ -78,18 +100,19 @@ def mesh_shape(cfg: MeshConfig, n_devices: int, n_processes: int = 1) -> tuple[i
     return data, model
 
 
-def make_mesh(cfg: MeshConfig | None = None, devices=None) -> Mesh:
+def make_mesh(cfg: MeshConfig | None = None, devices=None, batch_sizes: tuple[int, ...] = ()) -> Mesh:
     """The `(data, model)` mesh for `cfg` over `devices` (default: every device of every process).
 
-    A mesh smaller than the device count uses the first devices. Axes are `AxisType.Auto`.
+    `data=0` is resolved with `batch_sizes` (see MeshConfig). A mesh smaller than the device count uses
+    the first devices. Axes are `AxisType.Auto`.
     """
     if not jax.config.jax_threefry_partitionable:
         raise RuntimeError(
             "spdjax.sharding needs jax_threefry_partitionable=True (JAX's default) for device-count "
             "independent random numbers"
         )
-    cfg = cfg or MeshConfig()
     devices = list(jax.devices() if devices is None else devices)
+    cfg = auto_data(cfg or MeshConfig(), len(devices), tuple(batch_sizes), jax.process_count())
     data, model = mesh_shape(cfg, len(devices), jax.process_count())
     auto = (jax.sharding.AxisType.Auto,) * 2
     if data * model == len(devices):
@@ -155,23 +178,25 @@ def param_shardings(params: SPDParams, mesh: Mesh) -> SPDParams:
     return _named(mesh, param_specs(params, mesh))
 
 
-def tree_shardings(tree: Any, mesh: Mesh) -> Any:
-    """Shardings for any pytree holding SPDParams subtrees (params, Adam's mu/nu): those by role, every
-    other leaf replicated."""
+def tree_shardings(tree: Any, mesh: Mesh, params_type: type = SPDParams, specs=param_specs) -> Any:
+    """Shardings for any pytree holding `params_type` subtrees (params, Adam's mu/nu): those by
+    `specs(subtree, mesh)` (PartitionSpecs), every other leaf replicated."""
     rep = replicated(mesh)
 
     def one(x):
-        if isinstance(x, SPDParams):
-            return param_shardings(x, mesh)
+        if isinstance(x, params_type):
+            return _named(mesh, specs(x, mesh))
         return rep
 
-    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, SPDParams))
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, params_type))
 
 
-def state_shardings(state, mesh: Mesh):
+def state_shardings(state, mesh: Mesh, method=None):
     """Shardings of a `TrainState` (or its abstract `jax.eval_shape` twin): params and the optimiser
-    state by role, step and key replicated."""
-    return tree_shardings(state, mesh)
+    state by the method's `param_specs` (default: SPD's, by role), step and key replicated."""
+    if method is None:
+        return tree_shardings(state, mesh)
+    return tree_shardings(state, mesh, method.params_type, method.param_specs)
 
 
 def place(tree: Any, shardings: Any) -> Any:

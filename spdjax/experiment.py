@@ -1,0 +1,44 @@
+"""What an experiment family gives the runner: a target, its data and its ground-truth analysis.
+
+A family is any module with `build(run: spdjax.config.RunConfig, cache_dir: pathlib.Path) ->
+Experiment`; the entry point (launch.py, via `experiments.builder`) picks it from the config's
+`experiment` field and hands the runner a `build(run) -> Experiment` callable, so the library never
+imports an experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+from jaxtyping import Array
+
+from spdjax.data import HostData
+from spdjax.targets.base import Target
+
+
+@dataclasses.dataclass
+class Experiment:
+    """target: the trained target with its sites chosen (from `run.sites`, `run.tied`, `run.identity`).
+    batch_fn: `key -> batch` of `run.batch_size` examples, pure and jittable (sampled on device), or
+    host_data: a `spdjax.data.HostData` (host-side, checkpointable); exactly one of the two.
+    analyze: `(params, target, workdir, loss_config) -> summary dict` of ground-truth metrics of an SPD
+      decomposition (flat, JSON-able) and PNG figures in `workdir` (None: no figures); None if the
+      family has no ground truth.
+    info: facts about the target worth recording (e.g. the seed its training ended up using).
+    """
+
+    target: Target
+    batch_fn: Callable[[Array], Any] | None = None
+    analyze: Callable[..., dict] | None = None
+    info: dict = dataclasses.field(default_factory=dict)
+    host_data: HostData | None = None
+
+    def __post_init__(self):
+        if (self.batch_fn is None) == (self.host_data is None):
+            raise ValueError("Experiment: give exactly one of batch_fn (on-device sampler) or host_data")
+
+
+Build = Callable[[Any], Experiment]  # build(run_config) -> Experiment, the cache directory bound
+Family = Callable[[Any, Path], Experiment]

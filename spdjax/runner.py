@@ -1,0 +1,356 @@
+"""One runner for every method and experiment: config -> target and data -> training (checkpointed,
+resumable) -> export -> summary.
+
+Writes into the workdir: `config.json`, `checkpoints/` (Orbax), `metrics.jsonl` (one line per log
+step), `eval.jsonl` (one line per held-out evaluation, keys `eval/...`), `tensorboard/`,
+`decomposition/` (the method's export), `summary.json` (flat keys) and the experiment's figures.
+
+Re-running the same command with the same workdir resumes from the newest complete checkpoint (with a
+host-side data iterator at the position it had) and ends bit-for-bit where an uninterrupted run would
+have ended (same machine). A workdir whose saved config differs is refused, listing the differing
+fields, unless `fresh` (start over) or `allow_config_change` is given.
+
+The runner knows methods only through `spdjax.method.Method` and experiments only through the
+`build(run_config) -> Experiment` callable the entry point passes in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from spdjax import sharding
+from spdjax.checkpoint import Checkpointer
+from spdjax.config import RunConfig, parse
+from spdjax.data import iterate
+from spdjax.experiment import Build, Experiment
+from spdjax.metrics_writer import MetricsWriter
+from spdjax.optim import make_optimizer, make_schedule
+from spdjax.train import Cadence, Hooks, LogRecord, TrainState, init_train_state, make_train_step, run_steps
+
+DATA_STATE = "data_iterator"  # key of the host-side iterator's state in a checkpoint's extras
+
+
+class ConfigMismatchError(ValueError):
+    """The workdir holds a run with a different config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How to run, as opposed to what (the config).
+
+    `stop_at_step` ends the session right after that step's checkpoint, as a preemption would (for
+    tests); `wandb_project` also logs the training metrics to Weights & Biases (needs `wandb`).
+    """
+
+    quiet: bool = False
+    fresh: bool = False
+    allow_config_change: bool = False
+    stop_at_step: int | None = None
+    wandb_project: str | None = None
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """`["field: old -> new", ...]` over the flattened configs."""
+    a, b = _flatten(old), _flatten(new)
+    return [
+        f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, "<absent>") != b.get(k, "<absent>")
+    ]
+
+
+def _config_json(cfg: ml_collections.ConfigDict) -> dict:
+    return json.loads(cfg.to_json_best_effort())
+
+
+def prepare_workdir(cfg, workdir: Path, fresh: bool, allow_config_change: bool) -> None:
+    """Check the workdir against `cfg` (see the module docstring) and write config.json."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    new = _config_json(cfg)
+    saved = workdir / "config.json"
+    if fresh:
+        for name in ("checkpoints", "tensorboard", "decomposition"):
+            shutil.rmtree(workdir / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "eval.jsonl", "summary.json"):
+            (workdir / name).unlink(missing_ok=True)
+    elif saved.exists() and (workdir / "checkpoints").exists():
+        diff = config_diff(json.loads(saved.read_text()), new)
+        diff = [d for d in diff if not d.startswith("mesh.")]  # resuming on another mesh is fine
+        if diff and not allow_config_change:
+            raise ConfigMismatchError(
+                f"workdir {workdir} holds a run with a different config ({'; '.join(diff)}); pass "
+                "--fresh to start over or --allow_config_change to resume with the new config"
+            )
+    saved.write_text(json.dumps(new, indent=2))
+
+
+class _Stop(Exception):
+    pass
+
+
+def _sync(name: str) -> None:
+    """A barrier across processes (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _for_host(tree, mesh):
+    """`tree` readable by every process (gathered from other hosts' shards when there are several)."""
+    return sharding.to_host(tree, mesh) if jax.process_count() > 1 else tree
+
+
+class _NoWriter:
+    """The metrics writer of processes other than 0."""
+
+    def write(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def check_batch(exp: Experiment) -> None:
+    """A one-line error, before any compilation, when the experiment's batches do not fit its target."""
+    if exp.batch_fn is not None:
+        batch = jax.eval_shape(exp.batch_fn, jax.random.key(0))
+    else:
+        batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), exp.host_data.held_out(0))
+    try:
+        jax.eval_shape(exp.target, batch)
+    except Exception as e:  # noqa: BLE001
+        shapes = jax.tree.map(lambda x: f"{x.dtype}{list(x.shape)}", batch)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"batch {shapes} does not fit the target: {first}") from None
+
+
+class Run:
+    """The pieces of one run on this process: config, method, experiment, mesh, step, data."""
+
+    def __init__(self, rc: RunConfig, exp: Experiment, mesh):
+        self.rc, self.exp, self.mesh, self.method = rc, exp, mesh, rc.method
+        self.key = jax.random.key(rc.seed)
+        self.optimizer = make_optimizer(rc.optim, *self.method.gradient_transforms(rc.optim))
+        self.target = sharding.place(exp.target, sharding.replicated(mesh))
+        self.abstract = jax.eval_shape(self.fresh_state, self.target)
+        self.shardings = sharding.state_shardings(self.abstract, mesh, self.method)  # raises if mesh.model does not divide a C
+        self.step_fn = make_train_step(
+            self.method, self.optimizer, rc.optim.steps, exp.batch_fn, make_schedule(rc.optim), mesh=mesh,
+            shardings=self.shardings, compute_dtype=rc.precision.compute,
+        )
+        rep = sharding.replicated(mesh)
+        self._eval_metrics = jax.jit(self.method.eval_metrics, out_shardings=rep)
+        if exp.batch_fn is not None:
+            self._sample = jax.jit(lambda k: sharding.constrain_batch(exp.batch_fn(k), mesh))
+
+    def fresh_state(self, target) -> TrainState:
+        params = self.method.init_params(jax.random.fold_in(self.key, 0), target, self.rc.precision.param)
+        params = self.method.prepare(params, target, self.rc.optim)
+        return init_train_state(params, self.optimizer, jax.random.fold_in(self.key, 1))
+
+    def init_state(self) -> TrainState:
+        """Step 0, initialised directly on the mesh (no process holds more than its shards)."""
+        return jax.jit(self.fresh_state, out_shardings=self.shardings)(self.target)
+
+    def held_out(self, key, index: int):
+        """A held-out batch: sampled from `key` (on-device sampler) or the host data's `index`-th."""
+        if self.exp.batch_fn is not None:
+            return self._sample(key)
+        return sharding.global_batch(self.exp.host_data.held_out(index), self.mesh)
+
+    def evaluate(self, params, step: int, figures: Path | None, lead: bool) -> dict | None:
+        """Held-out metrics of `params` at `step` (every process takes part; None except on process 0)."""
+        key = jax.random.fold_in(jax.random.fold_in(self.key, 2), step)
+        batch = self.held_out(jax.random.fold_in(key, 0), step)
+        metrics = self._eval_metrics(params, self.target, batch, jax.random.fold_in(key, 1))
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        params, batch = _for_host(params, self.mesh), _for_host(batch, self.mesh)  # collectives
+        if not lead:
+            return None
+        out = self.method.analyze(params, self.exp, batch, figures)
+        host.update({k: float(v) for k, v in out.items() if isinstance(v, (int, float))})
+        return host
+
+
+class Session(Hooks):
+    """The resumable part of a run: checkpoints (with the data iterator's position), metrics writers,
+    held-out evaluations, the wall clock across sessions."""
+
+    checkpoints = True
+
+    def __init__(self, run: Run, cfg, workdir: Path, options: RunOptions, lead: bool):
+        self.run, self.workdir, self.options, self.lead = run, workdir, options, lead
+        rc = run.rc
+        self.ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=rc.keep_checkpoints)
+        self.data = run.exp.host_data.train_iterator() if run.exp.host_data is not None else None
+        restored = self.ckpt.restore_latest(run.abstract, run.shardings)  # onto this mesh, whatever mesh saved it
+        self.prior_wall = 0.0
+        if restored is not None:
+            self.state, extra = restored
+            self.prior_wall = float(extra.get("wall_time_s", 0.0))
+            if self.data is not None:
+                if DATA_STATE not in extra:
+                    raise ValueError(f"checkpoint at step {int(self.state.step)} holds no data iterator position")
+                self.data.set_state(extra[DATA_STATE])
+            if not options.quiet and lead:
+                print(f"resuming from the checkpoint at step {int(self.state.step)}", flush=True)
+        else:
+            self.state = run.init_state()
+        resume_step = int(self.state.step) if restored is not None else None
+        self.writer = MetricsWriter(
+            workdir, resume_step=resume_step, wandb_project=options.wandb_project,
+            wandb_run_name=workdir.name, config=_config_json(cfg),
+        ) if lead else _NoWriter()
+        self.eval_writer = MetricsWriter(
+            workdir, resume_step=resume_step, metrics_file="eval.jsonl", tensorboard_dir="tensorboard/eval"
+        ) if lead else _NoWriter()
+        self.t0 = time.perf_counter()
+
+    def wall(self) -> float:
+        return self.prior_wall + time.perf_counter() - self.t0
+
+    def on_log(self, record: LogRecord) -> None:
+        self.writer.write(record.step, record.metrics, wall_time_s=self.prior_wall + record.wall_time_s)
+
+    def on_checkpoint(self, state: TrainState) -> None:
+        extra: dict[str, Any] = {"wall_time_s": self.wall()}
+        if self.data is not None:
+            extra[DATA_STATE] = self.data.get_state()
+        self.ckpt.save(state, extra)
+        if self.options.stop_at_step is not None and int(state.step) >= self.options.stop_at_step:
+            raise _Stop
+
+    def on_eval(self, state: TrainState) -> None:
+        rc, step = self.run.rc, int(state.step)
+        figures = rc.figures_every and step % rc.figures_every == 0 and step != rc.optim.steps
+        host = self.run.evaluate(state.params, step, self.workdir / "figures" / f"step_{step}" if figures else None, self.lead)
+        if host is not None:
+            self.eval_writer.write(step, host, wall_time_s=self.wall(), prefix="eval/")
+
+    def train(self) -> tuple[TrainState, float] | None:
+        """Step to the end: `(final state, wall time including earlier sessions)`, or None when
+        `stop_at_step` ended the session."""
+        rc, mesh = self.run.rc, self.run.mesh
+        batches = None
+        if self.data is not None:
+            batches = (sharding.global_batch(b, mesh) for b in iterate(self.data))
+        cadence = Cadence(rc.optim.steps, rc.log_every, rc.checkpoint_every, rc.eval_every)
+        try:
+            state = run_steps(
+                self.state, self.run.step_fn, self.run.target, cadence, self, batches,
+                progress_bar=not self.options.quiet and self.lead,
+            )
+        except _Stop:
+            return None
+        finally:
+            self.ckpt.close()
+            self.writer.close()
+            self.eval_writer.close()
+        jax.block_until_ready(state.params)
+        return state, self.wall()
+
+
+def run(
+    cfg: ml_collections.ConfigDict, workdir: str | Path, build: Build, options: RunOptions = RunOptions()
+) -> dict | None:
+    """Run (or resume) the decomposition described by `cfg` on the experiment `build(run_config)`
+    returns; the summary (also in summary.json), or None when `options.stop_at_step` ended it."""
+    rc = parse(cfg)
+    if options.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ImportError(f"--wandb_project={options.wandb_project!r} needs the wandb package: pip install wandb")
+    workdir = Path(workdir)
+    # one-line errors for a mesh that does not fit the devices or the batch
+    mesh = sharding.make_mesh(rc.mesh, batch_sizes=(rc.batch_size, rc.eval_batch_size))
+    sharding.check_batch_size(rc.batch_size, mesh)
+    sharding.check_batch_size(rc.eval_batch_size, mesh, "eval_batch_size")
+    lead = jax.process_index() == 0  # only process 0 logs and writes outputs (checkpoints: all)
+    if lead:
+        prepare_workdir(cfg, workdir, options.fresh, options.allow_config_change)
+    _sync("spdjax_prepare_workdir")
+    if not lead:  # process 0 trains and caches the target first; the others then load it
+        _sync("spdjax_target_cached")
+    exp = build(rc)
+    if lead:
+        _sync("spdjax_target_cached")
+    check_batch(exp)
+    r = Run(rc, exp, mesh)
+    if lead:
+        print(f"{rc.method.name} on {sharding.describe(mesh)}", flush=True)
+    out = Session(r, cfg, workdir, options, lead).train()
+    if out is None:
+        return None
+    state, wall = out
+    params = _for_host(state.params, mesh)  # collectives: every process takes part
+    batch = _for_host(r.held_out(_summary_key(rc), 0), mesh)
+    result = finish(rc, exp, params, int(state.step), batch, workdir, wall) if lead else None
+    _sync("spdjax_finish")
+    return result
+
+
+def _summary_key(rc: RunConfig):
+    """The key of the held-out batch the final summary is computed on."""
+    return jax.random.fold_in(jax.random.key(rc.seed), 0x7E57)
+
+
+def finish(rc: RunConfig, exp: Experiment, params, step: int, batch, workdir: Path, wall: float) -> dict:
+    """Export the decomposition, analyse it (figures into the workdir) and write summary.json."""
+    method = rc.method
+    method.export(workdir / "decomposition", params, exp.target, {"experiment": rc.experiment, "step": step, **exp.info})
+    summary = dict(method.analyze(params, exp, batch, workdir))
+    last = _last_metrics(workdir / "metrics.jsonl")
+    summary.update({f"final/{k}": v for k, v in last.items() if k not in ("step", "wall_time_s")})
+    summary["wall_time_s"] = wall
+    summary["steps"] = rc.optim.steps
+    summary.update({f"target/{k}": v for k, v in exp.info.items()})
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=float))
+    return summary
+
+
+def analyze(cfg: ml_collections.ConfigDict, workdir: str | Path, build: Build) -> dict:
+    """Regenerate the summary and every figure from a finished run's exported decomposition."""
+    rc = parse(cfg)
+    workdir = Path(workdir)
+    exp = build(rc)
+    params, extra = rc.method.load(workdir / "decomposition", exp.target)
+    prior = json.loads((workdir / "summary.json").read_text()) if (workdir / "summary.json").exists() else {}
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
+    batch = Run(rc, exp, mesh).held_out(_summary_key(rc), 0)
+    step = int(extra.get("step", rc.optim.steps))
+    return finish(rc, exp, params, step, batch, workdir, float(prior.get("wall_time_s", float("nan"))))
+
+
+def _last_metrics(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["summary:"]
+    for k in sorted(summary):
+        v = summary[k]
+        lines.append(f"  {k:40s} {v:.6g}" if isinstance(v, float) else f"  {k:40s} {v}")
+    return "\n".join(lines)
+
