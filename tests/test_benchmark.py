@@ -16,6 +16,7 @@ def test_bench_one(tmp_path, config):
     assert r["gflop_per_step"] > 0 and r["peak_rss_mib"] > 0 and r["compile_s"] > 0
 
 
-def test_bench_apd_refuses_devices(tmp_path):
-    with pytest.raises(ValueError, match="APD steps are not sharded"):
-        bench_one("configs/apd_tms_5-2.py:smoke", steps=1, warmup=0, cache_dir=str(tmp_path), n_devices=len(jax.devices()))
+def test_bench_apd_on_a_mesh(tmp_path):
+    """One benchmark path for every method: APD steps shard over the data axis like SPD's."""
+    r = bench_one("configs/apd_tms_5-2.py:smoke", steps=1, warmup=0, cache_dir=str(tmp_path), n_devices=len(jax.devices()))
+    assert r["method"] == "apd" and r["mesh"] == f"data={len(jax.devices())} x model=1"

@@ -19,6 +19,8 @@ def launch(config: str, workdir: Path, cache: Path, *extra: str) -> dict:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "summary:" in proc.stdout
+    # the first line names the mesh: by default every device (8 simulated ones here) on the data axis
+    assert proc.stdout.splitlines()[0].startswith("spd on mesh data=8 x model=1 over 8 of 8 cpu devices")
     return json.loads((workdir / "summary.json").read_text())
 
 

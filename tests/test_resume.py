@@ -8,8 +8,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from spdjax.config import load_config_file
-from spdjax.run import ConfigMismatchError, run
-from spdjax.train import NonFiniteError, run_steps
+from helpers import run_config as run
+from spdjax.runner import ConfigMismatchError
+from spdjax.train import Cadence, Hooks, NonFiniteError, run_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,8 +62,8 @@ def test_changed_config_is_refused_then_allowed_or_fresh(uninterrupted, tmp_path
     base = uninterrupted
     wd = tmp_path / "wd"
     run(smoke_config(), wd, base / "cache", quiet=True, stop_at_step=8)
-    changed = smoke_config(**{"loss.pnorm": 2.0, "optim.lr": 0.01})
-    with pytest.raises(ConfigMismatchError, match=r"loss\.pnorm: 1\.0 -> 2\.0.*optim\.lr: 0\.001 -> 0\.01"):
+    changed = smoke_config(**{"loss.terms.importance_minimality.pnorm": 2.0, "optim.lr": 0.01})
+    with pytest.raises(ConfigMismatchError, match=r"loss\.terms\.importance_minimality\.pnorm: 1\.0 -> 2\.0.*optim\.lr: 0\.001 -> 0\.01"):
         run(changed, wd, base / "cache", quiet=True)
     assert run(changed, wd, base / "cache", quiet=True, allow_config_change=True)["steps"] == 24
     fresh = run(smoke_config(), wd, base / "cache", quiet=True, fresh=True)
@@ -98,7 +99,12 @@ def test_nan_stops_with_step_and_term_and_is_not_checkpointed():
         bad = jnp.nan if n >= 6 else 1.0
         return S(n), {"loss/total": jnp.asarray(bad), "loss/stochastic_recon": jnp.asarray(bad), "loss/ok": jnp.asarray(1.0)}
 
+    class Saves(Hooks):
+        checkpoints = True
+
+        def on_checkpoint(self, state):
+            saved.append(int(state.step))
+
     with pytest.raises(NonFiniteError, match=r"step 6: non-finite value in loss/stochastic_recon, loss/total"):
-        run_steps(S(0), step_fn, None, 20, log_every=3, checkpoint=lambda s: saved.append(int(s.step)),
-                  checkpoint_every=4)
+        run_steps(S(0), step_fn, None, Cadence(20, log_every=3, checkpoint_every=4), Saves())
     assert saved == [4]

@@ -5,6 +5,7 @@ mesh config errors name the field."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +19,13 @@ from jax.sharding import PartitionSpec as P
 import spdjax
 from spdjax import sharding as sh
 from spdjax.checkpoint import Checkpointer
-from spdjax.config import parse
+from spdjax.config import load_config_file, parse
 from spdjax.losses import LossConfig, loss_fn
-from spdjax.train import OptimConfig, init_train_state, make_optimizer, train
+from spdjax.optim import OptimConfig
+from spdjax.spd import spd_optimizer
+from spdjax.train import init_train_state, train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 D, C, B = 6, 8, 32  # C divisible by the model axis (2), B by the data axis (8)
 MESHES = {"data8": (8, 1), "data4_model2": (4, 2)}
@@ -137,7 +142,7 @@ def test_host_batches_path_is_sharded(target):
 
 def test_checkpoint_saved_on_one_mesh_restores_onto_another(target, tmp_path):
     params = spdjax.init_decomposition(jax.random.key(0), target, "shared_mlp", (4,))
-    opt = make_optimizer(OptimConfig(steps=5))
+    opt = spd_optimizer(OptimConfig(steps=5))
     state = init_train_state(params, opt, jax.random.key(7))
     src = mesh_of("data4_model2")
     state = sh.place(state, sh.state_shardings(state, src))
@@ -168,9 +173,7 @@ def test_checkpoint_saved_on_one_mesh_restores_onto_another(target, tmp_path):
 
 
 def _cfg(**mesh):
-    from experiments.resid_mlp import resid_mlp_config
-
-    cfg = resid_mlp_config(1, smoke=True)
+    cfg = load_config_file(ROOT / "configs" / "resid_mlp.py", "1,smoke")
     cfg.mesh = ml_collections.ConfigDict(mesh)
     return cfg
 
@@ -178,7 +181,8 @@ def _cfg(**mesh):
 @pytest.mark.parametrize(
     "mesh,message",
     [
-        (dict(data=0), "config.mesh.data must be -1 (all remaining devices) or an int >= 1, got 0"),
+        (dict(data=-2), "config.mesh.data must be 0 (auto), -1 (all remaining devices) or an int >= 1, got -2"),
+        (dict(data=0, model=-1), "config.mesh: data=0 (auto) needs a fixed model axis size"),
         (dict(model=-2), "config.mesh.model must be -1"),
         (dict(data=-1, model=-1), "config.mesh: at most one of data, model may be -1"),
         (dict(data=True), "config.mesh.data must be of type"),
@@ -199,7 +203,11 @@ def test_mesh_device_count_errors(target):
     with pytest.raises(ValueError, match="multi-process mesh must span every device"):
         sh.mesh_shape(sh.MeshConfig(data=2), 8, n_processes=2)
     assert sh.mesh_shape(sh.MeshConfig(data=-1, model=2), 8) == (4, 2)
-    assert sh.make_mesh(sh.MeshConfig()).devices.size == 1
+    assert sh.make_mesh(sh.MeshConfig(data=1)).devices.size == 1
+    # the default (data=0): every device, or the largest count the batch sizes divide
+    assert dict(sh.make_mesh(sh.MeshConfig()).shape) == {"data": 8, "model": 1}
+    assert dict(sh.make_mesh(sh.MeshConfig(), batch_sizes=(12, 12)).shape) == {"data": 4, "model": 1}
+    assert dict(sh.make_mesh(sh.MeshConfig(model=2), batch_sizes=(6,)).shape) == {"data": 2, "model": 2}
     params = jax.eval_shape(lambda: spdjax.init_decomposition(jax.random.key(0), target))
     mesh = sh.make_mesh(sh.MeshConfig(data=2, model=4))
     wide = dataclasses.replace(params, components={
@@ -216,7 +224,7 @@ def test_run_resumes_onto_another_mesh(tmp_path):
     config change), ends where an uninterrupted one-device run ends."""
     from safetensors.numpy import load_file
 
-    from spdjax.run import run
+    from helpers import run_config as run
 
     def cfg(**mesh):
         c = _cfg(**mesh)

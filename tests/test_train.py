@@ -18,7 +18,9 @@ from spdjax.ci import CIParams
 from spdjax.components import Components, faithfulness_loss
 from spdjax.decomposition import SPDParams
 from spdjax.losses import LossConfig
-from spdjax.train import OptimConfig, clip_by_group, faithfulness_warmup, make_schedule, train
+from spdjax.optim import OptimConfig, make_schedule
+from spdjax.spd import clip_by_group, faithfulness_warmup, spd_optimizer
+from spdjax.train import train
 
 N_F, N_H = 5, 2
 
@@ -150,10 +152,8 @@ def test_clip_by_group_clips_components_and_ci_independently():
 
 
 def test_make_optimizer_applies_the_clipping():
-    from spdjax.train import make_optimizer
-
     grads = _grads(10.0, 10.0)
-    opt = make_optimizer(OptimConfig(steps=10, lr=1.0, schedule="constant", clip_components=1.0))
+    opt = spd_optimizer(OptimConfig(steps=10, lr=1.0, schedule="constant", clip_components=1.0))
     # Adam's first step is sign-like, so compare the clipped and unclipped groups through the state:
     # the first moment after one step is (1 - b1) * clipped gradient.
     state = opt.init(grads)
@@ -229,12 +229,12 @@ def run_config(recipe: str) -> ml_collections.ConfigDict:
 def test_recipe_parses_trains_and_logs_only_on_log_steps(recipe):
     rc = config_lib.parse(run_config(recipe))
     if recipe == "paper":
-        assert rc.loss.use_delta_component is False
-        assert rc.loss.coeff_dict["faithfulness"] == 1.0
+        assert rc.method.settings.loss.use_delta_component is False
+        assert rc.method.settings.loss.coeff_dict["faithfulness"] == 1.0
         assert rc.optim.faithfulness_warmup_steps == 0
     else:
-        assert rc.loss.use_delta_component is True
-        assert "faithfulness" not in rc.loss.coeff_dict
+        assert rc.method.settings.loss.use_delta_component is True
+        assert "faithfulness" not in rc.method.settings.loss.coeff_dict
         assert rc.optim.faithfulness_warmup_steps == 200
     target = spdjax.from_nnx(make_tms(), rc.sites, tied=dict(rc.tied))
     params = random_params(target)
@@ -246,7 +246,7 @@ def test_recipe_parses_trains_and_logs_only_on_log_steps(recipe):
 
     seen = []
     state, history = train(
-        target, params, rc.loss, rc.optim, jax.random.key(rc.seed), batch_fn=sample,
+        target, params, rc.method.settings.loss, rc.optim, jax.random.key(rc.seed), batch_fn=sample,
         log_every=rc.log_every, on_log=seen.append,
     )
     assert int(state.step) == 30
