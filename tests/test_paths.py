@@ -30,6 +30,7 @@ from spdjax.losses import (
     stochastic_recon_loss,
 )
 from spdjax.masks import SiteMask
+from spdjax.spd import SPD
 from spdjax.train import init_train_state, make_train_step
 
 B, T = 3, 2
@@ -425,7 +426,7 @@ def test_train_step_compiles_once():
 
     optimizer = optax.adam(1e-2)
     config = LossConfig(coeffs=(("stochastic_recon", 1.0), ("importance_minimality", 1e-3)))
-    step_fn = make_train_step(config, optimizer, total_steps=5, batch_fn=batch_fn)
+    step_fn = make_train_step(SPD.with_loss(config), optimizer, total_steps=5, batch_fn=batch_fn)
     params = _random_params(target, 0, scale=1.0)
     state = init_train_state(params, optimizer, jax.random.key(1))
     losses = []
