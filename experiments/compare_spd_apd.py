@@ -5,7 +5,7 @@ ResidMLP 1 layer).
 
 Each run is its own `launch.py` subprocess with its own workdir under `--out` (re-running resumes or
 reuses finished runs); its peak RSS is the subprocess's (`os.wait4`). Writes `--out/comparison.md`
-(MMCS, ML2R, alive components, wall time, peak RSS, parameter count per method) and
+(MMCS, ML2R, alive components by norm and by activity, wall time, peak RSS, parameter count per method) and
 `--out/comparison.png` (per feature j of W, the column norm ratio ||component_c[j]|| / ||W[j]|| of
 every alive SPD subcomponent / APD component: a permutation pattern of 1s is a perfect
 decomposition; values below 1 are APD's shrinkage).
@@ -122,13 +122,25 @@ def figure(rows: list[tuple[str, Path, Path]], path: Path, cache_dir: str) -> No
     plt.close(fig)
 
 
+def alive_counts(summary: dict, method: str) -> tuple:
+    """(norm count on W (the figure's), activity count) from a summary; '-' where absent.
+
+    Norm: `n_alive_norm/linear1` (summaries written before the CI-based `n_alive` held it in
+    `n_alive/linear1`). Activity: SPD `n_alive/linear1` (CI > 0.1 on some held-out input), APD `n_alive`
+    (selected by its top-k on some held-out input; APD components span every site)."""
+    if "n_alive_norm/linear1" not in summary:  # an older summary: n_alive was the norm count
+        return summary.get("n_alive/linear1", summary.get("n_alive", "-")), "-"
+    active = summary.get("n_alive/linear1") if method == "SPD" else summary.get("n_alive")
+    return summary["n_alive_norm/linear1"], "-" if active is None else active
+
+
 def fmt(v, spec=".4f"):
     return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
 
 
 def compare_tms(out: Path, scale: float, cache_dir: str, env: dict, only: list[str]) -> str:
-    lines = ["| experiment | method | steps | MMCS | ML2R | alive | wall time (s) | peak RSS (MiB) | params |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| experiment | method | steps | MMCS | ML2R | alive (norm) | alive (active) | wall time (s) | peak RSS (MiB) | params |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for name in only:
         spd_cfg, apd_cfg = PAIRS[name]
@@ -140,9 +152,9 @@ def compare_tms(out: Path, scale: float, cache_dir: str, env: dict, only: list[s
             print(f"[compare] {method} {name}: {steps} steps in {wd}", flush=True)
             s = run_or_reuse(cfg, wd, steps, cache_dir, env)
             params = s.get("n_apd_params") if method == "APD" else spd_param_count(wd)
-            alive = s.get("n_alive/linear1", s.get("n_alive"))
+            norm, active = alive_counts(s, method)
             lines.append(
-                f"| {name} | {method} | {steps} | {fmt(s.get('mmcs'))} | {fmt(s.get('ml2r'))} | {alive} | "
+                f"| {name} | {method} | {steps} | {fmt(s.get('mmcs'))} | {fmt(s.get('ml2r'))} | {norm} | {active} | "
                 f"{fmt(s.get('wall_time_s'), '.1f')} | {fmt(s.get('peak_rss_mib_process'), '.0f')} | {params} |"
             )
         rows.append((name, dirs["SPD"], dirs["APD"]))
@@ -190,7 +202,9 @@ def main(argv=None):
     parts = ["# SPD vs APD", ""]
     if not args.no_tms:
         parts += ["Same cached targets; each method's own recipe (configs/tms_*.py, configs/apd_tms_*.py), "
-                  f"steps x {args.steps_scale}. `alive`: components with liveness > 0.017 on W.", "",
+                  f"steps x {args.steps_scale}. `alive (norm)`: components with liveness > 0.017 on W (those in the "
+                  "figure); `alive (active)`: SPD subcomponents of W with CI > 0.1 on some held-out input, APD "
+                  "components its top-k selects on some held-out input.", "",
                   compare_tms(out, args.steps_scale, args.cache_dir, env, args.experiments.split(",")), "",
                   "![components](comparison.png)", ""]
     if args.resid_memory:

@@ -53,6 +53,26 @@ def flatten_params(params: SPDParams) -> dict[str, np.ndarray]:
     return out
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (else set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_tensors(tensors: dict[str, np.ndarray], path: str | Path) -> None:
+    """`safetensors.numpy.save_file`, with the file mode a plain `open()` would give (0666 & ~umask,
+    e.g. 0644): safetensors itself creates its files readable by their owner only (0600)."""
+    save_file(tensors, str(path))
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def save(
     path: str | Path,
     params: SPDParams,
@@ -61,7 +81,7 @@ def save(
     ci_hidden: tuple[int, ...],
     extra: dict | None = None,
 ) -> Path:
-    """Write the decomposition into directory `path` (files replaced atomically)."""
+    """Write the decomposition into directory `path` (files replaced atomically; modes follow the umask)."""
     from spdjax import __version__
 
     path = Path(path)
@@ -76,7 +96,7 @@ def save(
         "extra": extra or {},
     }
     tmp = path / (TENSORS + ".tmp")
-    save_file(flatten_params(params), str(tmp))
+    save_tensors(flatten_params(params), tmp)
     os.replace(tmp, path / TENSORS)
     tmp = path / (META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))

@@ -18,7 +18,7 @@ from jaxtyping import Array, Float
 from spdjax import masks as masks_lib
 from spdjax.ci import ci_raw
 from spdjax.components import faithfulness_loss, masked_site_output, site_components
-from spdjax.decomposition import SPDParams
+from spdjax.decomposition import SPDParams, check_params
 from spdjax.fields import dataclass_from, to_dict
 from spdjax.masks import SiteMask
 from spdjax.sigmoids import get_sigmoids
@@ -496,6 +496,7 @@ def loss_fn(
     Returns `(loss, metrics)`; metrics hold every computed term under `loss/<term>`, the total under
     `loss/total`, `ci_l0/<site>` and the current `p`.
     """
+    check_params(params, target)
     out, inputs = clean_forward(target, batch)
     ci = compute_ci(params, target, inputs, config.sigmoid)
     ctx = LossContext(params, target, batch, out, inputs, ci, key, config, jnp.asarray(progress))

@@ -1,5 +1,10 @@
 """Ground-truth metrics of a decomposition: MMCS / ML2R, alive subcomponents, CI-L0, IdentityCIError.
 
+Alive subcomponents are counted by causal importance (toy_models.md, as the reference's alive-components
+metric): CI > `CI_ALIVE_THRESHOLD` (0.1) on at least one held-out input (`n_ci_active`, summary keys
+`n_alive/<site>`, `n_alive`; see `alive_counts`). The norm count `n_alive` (liveness score
+sum_j ||U_c V_c,j|| > 0.017) is secondary (summary keys `n_alive_norm/<site>`, `n_alive_norm`).
+
 Host-side, pure functions on arrays (NumPy float64 inside; JAX arrays are accepted). Layout as in the
 library: a site's kernel is `(d_in, d_out)` (= the paper's W^T); components hold `V: (d_in, C)` and
 `U: (C, d_out)`; subcomponent c as a kernel is `outer(V[:, c], U[c, :])`. Column j of the paper's W is
@@ -20,6 +25,8 @@ from scipy.optimize import linear_sum_assignment
 from spdjax.components import Components
 
 CI_PATTERNS = ("identity", "dense")
+CI_ALIVE_THRESHOLD = 0.1  # toy_models.md: alive = CI above 0.1 on at least one held-out input
+NORM_ALIVE_THRESHOLD = 0.017  # the reference plots' liveness-score threshold (secondary count)
 
 
 def _vu(comps: Components) -> tuple[np.ndarray, np.ndarray]:
@@ -37,8 +44,13 @@ def subcomponent_norms(comps: Components) -> np.ndarray:
     return subcomponent_column_norms(comps).sum(axis=1)
 
 
-def n_alive(comps: Components, threshold: float = 0.017) -> int:
-    """Number of subcomponents with sum_j |V[j, c]| * ||U[c, :]|| > threshold (reference: 0.017)."""
+def n_alive(comps: Components, threshold: float = NORM_ALIVE_THRESHOLD) -> int:
+    """Norm count: subcomponents with sum_j |V[j, c]| * ||U[c, :]|| > threshold (reference plots: 0.017).
+
+    The secondary liveness count (summary key `n_alive_norm/<site>`); the summaries' `n_alive/<site>`
+    counts by CI (`n_ci_active`). Dead subcomponents that share a small correction evenly can sit
+    above any fixed norm threshold while never firing.
+    """
     return int(np.sum(subcomponent_norms(comps) > threshold))
 
 
@@ -57,8 +69,8 @@ def liveness_gap(comps: Components) -> tuple[int, float]:
     return n + 1, float(r[n])
 
 
-def alive_indices(comps: Components, threshold: float = 0.017) -> np.ndarray:
-    """Indices `(n_alive,)` of the alive subcomponents, largest liveness score first."""
+def alive_indices(comps: Components, threshold: float = NORM_ALIVE_THRESHOLD) -> np.ndarray:
+    """Indices of the subcomponents alive by norm (`n_alive`), largest liveness score first."""
     norms = subcomponent_norms(comps)
     idx = np.flatnonzero(norms > threshold)
     return idx[np.argsort(-norms[idx], kind="stable")]
@@ -136,11 +148,35 @@ def ci_l0(ci, threshold: float = 0.1) -> float:
     return float(np.mean(np.sum(ci > threshold, axis=-1)))
 
 
-def n_ci_active(ci, threshold: float = 0.1) -> int:
+def n_ci_active(ci, threshold: float = CI_ALIVE_THRESHOLD) -> int:
     """Subcomponents whose CI exceeds `threshold` on at least one input (the PyTorch reference's
-    CI-based liveness, `ci_alive_threshold`). ci: `(*lead, C)`."""
+    CI-based liveness, `ci_alive_threshold`): the alive count of toy_models.md. ci: `(*lead, C)`."""
     ci = np.asarray(ci)
     return int(np.sum(np.any(ci.reshape(-1, ci.shape[-1]) > threshold, axis=0)))
+
+
+def alive_counts(
+    components: dict[str, Components],
+    sites,
+    ci: dict[str, Any],
+    ci_threshold: float = CI_ALIVE_THRESHOLD,
+    norm_threshold: float = NORM_ALIVE_THRESHOLD,
+) -> dict[str, int]:
+    """The alive summary keys of a decomposition.
+
+    `n_alive/<site>` for every site in `sites` (tied and identity sites included; a tied site's CI
+    function is its own): subcomponents with CI > `ci_threshold` on at least one input of `ci[site]`
+    `(*lead, C)` (the held-out batch); `n_alive` their sum (so a tied pair counts its shared
+    subcomponents once per site). `n_alive_norm/<site>` for every primary site: the norm count
+    `n_alive(components[site], norm_threshold)`; `n_alive_norm` their sum.
+    """
+    out = {f"n_alive/{s.name}": n_ci_active(ci[s.name], ci_threshold) for s in sites}
+    out["n_alive"] = sum(out[f"n_alive/{s.name}"] for s in sites)
+    primary = [s.name for s in sites if s.tied_to is None]
+    norm = {f"n_alive_norm/{n}": n_alive(components[n], norm_threshold) for n in primary}
+    out.update(norm)
+    out["n_alive_norm"] = sum(norm.values())
+    return out
 
 
 def permute_to_identity(ci) -> tuple[np.ndarray, np.ndarray]:

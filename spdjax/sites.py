@@ -56,18 +56,48 @@ class SitePattern:
     C: int
 
 
-def as_patterns(sites) -> tuple[SitePattern, ...]:
-    """Accepts SitePattern, (pattern, C) pairs or a {pattern: C} mapping."""
+def _describe(x) -> str:
+    """`a list of str ['a', 'b']`, `a str 'a'`, `None`, ...: a malformed `sites` argument, for errors."""
+    if x is None:
+        return "None"
+    if isinstance(x, (list, tuple)) and x:
+        kinds = " / ".join(sorted({type(e).__name__ for e in x}))
+        return f"a {type(x).__name__} of {kinds} {x!r}"
+    return f"a {type(x).__name__} {x!r}"
+
+
+def as_patterns(sites, arg: str = "sites") -> tuple[SitePattern, ...]:
+    """Accepts SitePattern, (pattern, C) pairs or a {pattern: C} mapping (`arg`: the argument's name in
+    errors). A malformed form raises a one-line TypeError saying what was expected; a bad C a ValueError."""
+    expected = f"{arg} must be {{pattern: C}} or ((pattern, C), ...) with C the number of subcomponents"
     if isinstance(sites, dict):
         sites = list(sites.items())
+    elif isinstance(sites, SitePattern):
+        sites = [sites]
+    elif isinstance(sites, (str, bytes)) or not isinstance(sites, (list, tuple)):
+        raise TypeError(f"{expected}, e.g. {{'layers.*.mlp_in': 100}}; got {_describe(sites)}")
+    if sites and all(isinstance(s, str) for s in sites):
+        example = {s: 100 for s in sites[:2]}
+        raise TypeError(f"{expected}, e.g. {example!r}; got {_describe(sites)}")
     out = []
     for s in sites:
-        p = s if isinstance(s, SitePattern) else SitePattern(*s)
+        if isinstance(s, SitePattern):
+            p = s
+        elif isinstance(s, (list, tuple)) and len(s) == 2:
+            p = SitePattern(*s)
+        else:
+            hint = " (no C)" if isinstance(s, (list, tuple)) and len(s) == 1 else ""
+            raise TypeError(f"{expected}, e.g. {{'layers.*.mlp_in': 100}}; got the entry {s!r}{hint}")
+        if not isinstance(p.pattern, str) or not p.pattern:
+            raise TypeError(f"{expected}; got the pattern {p.pattern!r} (a {type(p.pattern).__name__}, not a str)")
         if not isinstance(p.C, int) or isinstance(p.C, bool) or p.C <= 0:
-            raise ValueError(f"sites: C for pattern {p.pattern!r} must be a positive int, got {p.C!r}")
+            raise ValueError(
+                f"{arg}: C for pattern {p.pattern!r} must be a positive int (the number of subcomponents), "
+                f"got {p.C!r}"
+            )
         out.append(p)
     if not out:
-        raise ValueError("sites: at least one site pattern is required")
+        raise ValueError(f"{arg}: at least one site pattern is required, e.g. {{'layers.*.mlp_in': 100}}")
     return tuple(out)
 
 

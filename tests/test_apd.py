@@ -399,6 +399,32 @@ def test_ownership():
         assert sorted(own + split + [f for fs in shared.values() for f in fs]) == list(range(12))
 
 
+@pytest.mark.parametrize("topk,batch_topk", [(0.2, True), (1, False), (None, True)])
+def test_n_alive_counts_selected_components(topk, batch_topk):
+    """APD `n_alive`: components selected on some held-out input (the run's top-k; without top-k,
+    attribution >= 0.1 of the position's largest), `n_alive_norm` the norm count. Component 2 is scaled
+    down: alive by norm, never selected, so swapping the two keys fails."""
+    from spdjax.apd import analysis
+
+    p, A, B, _ = _problem()
+    A[0][2] *= 0.01
+    A[1][2] *= 0.01
+    X = np.random.default_rng(3).normal(size=(40, D0))
+    target, params, x = _jax(p, A, B, X)
+    coeffs = (("faithfulness", 1.0), ("lp_sparsity", 1.0)) if topk is None else APDConfig().coeffs
+    config = APDConfig(C=C, topk=topk, batch_topk=batch_topk, coeffs=coeffs)
+    out = analysis.analyze(params, target, config, None, x, None)
+    _, inputs = clean_forward(target, x)
+    attr = np.asarray(attr_lib.attributions("gradient", params, target, x, inputs))
+    if topk is None:
+        selected = attr >= 0.1 * attr.max(axis=-1, keepdims=True)
+    else:
+        selected = np.asarray(topk_lib.topk_mask(jnp.asarray(attr), topk, batch_topk))
+    assert out["n_alive"] == int(np.any(selected, axis=0).sum()) == 2
+    assert out["n_alive_norm"] == 3 and out["n_alive_norm/w1"] == out["n_alive_norm/w2"] == 3
+    assert "n_alive/w1" not in out  # a component is selected for every site at once
+
+
 def _torch_fans(shape):
     """torch.nn.init's fan-in / fan-out of a tensor: dim 1 / dim 0, each times the trailing dims."""
     rf = int(np.prod(shape[2:]))

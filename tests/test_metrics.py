@@ -153,6 +153,30 @@ def test_n_alive_matches_reference_and_threshold():
     np.testing.assert_allclose(metrics.subcomponent_norms(Components(V=V, U=U)), [0.02, 0.016])
 
 
+def test_alive_counts_by_ci_not_norm():
+    """`n_alive/<site>` counts subcomponents with CI > 0.1 on some input (every site, the tied one
+    included), `n_alive_norm/<site>` the norm count (primary sites): here they disagree on which and how
+    many, so swapping the two keys fails."""
+    from spdjax.sites import SiteSpec
+
+    sites = (SiteSpec("a", "linear", (3,), (2,), 4, 3), SiteSpec("b", "linear", (2,), (3,), 4, 2, tied_to="a"))
+    V, U = np.zeros((3, 4)), np.zeros((4, 2))
+    V[0, 0], U[0] = 1.0, [1.0, 0.0]  # fires: alive both ways
+    V[1, 1], U[1] = 1.0, [0.0, 1.0]  # large, never fires: alive by norm only
+    V[2, 2], U[2] = 1.0, [0.05, 0.0]  # small correction (0.05 > 0.017), CI exactly 0.1: alive by norm only
+    # subcomponent 3: zero norm, fires on one input: alive by CI only
+    ci_a = np.zeros((50, 4))
+    ci_a[::7, 0], ci_a[:, 2], ci_a[13, 3] = 0.9, 0.1, 0.2
+    ci_b = np.zeros((5, 10, 4))  # (batch, positions, C): any input counts
+    ci_b[3, 7, 1] = 0.5
+    comps = {"a": Components(V=V, U=U)}
+    out = metrics.alive_counts(comps, sites, {"a": ci_a, "b": ci_b})
+    assert out == {"n_alive/a": 2, "n_alive/b": 1, "n_alive": 3, "n_alive_norm/a": 3, "n_alive_norm": 3}
+    assert metrics.n_ci_active(ci_a) == 2 and metrics.n_alive(comps["a"]) == 3
+    low = metrics.alive_counts(comps, sites, {"a": ci_a, "b": ci_b}, ci_threshold=0.05, norm_threshold=0.1)
+    assert (low["n_alive/a"], low["n_alive_norm/a"]) == (3, 2)
+
+
 def ref_liveness_gap(V, U):
     V, U = np.asarray(V, np.float64), np.asarray(U, np.float64)
     scores = [sum(np.linalg.norm(U[c] * V[j, c]) for j in range(V.shape[0])) for c in range(V.shape[1])]

@@ -247,7 +247,8 @@ def test_build_smoke(tmp_path, monkeypatch):
     json.dumps(out)
     for k in [
         "ci_l0/layers.0.mlp_in", "ci_l0/layers.0.mlp_out", "n_ci_active/layers.0.mlp_out", "n_alive/layers.0.mlp_in",
-        "n_alive/layers.0.mlp_out", "n_alive", "identity_ci_error/layers.0.mlp_in",
+        "n_alive/layers.0.mlp_out", "n_alive", "n_alive_norm/layers.0.mlp_in", "n_alive_norm/layers.0.mlp_out",
+        "n_alive_norm", "identity_ci_error/layers.0.mlp_in",
         "identity_ci_error/layers.0.mlp_out", "identity_ci_error", "identity_ci_error_tol0.2",
         "n_features_with_own_w_in", "neuron_contrib_rel_err/layers.0", "target_seed", "target_final_loss",
     ]:
@@ -257,6 +258,16 @@ def test_build_smoke(tmp_path, monkeypatch):
     assert out["identity_ci_error_tol0.2"] <= out["identity_ci_error"]
     pngs = sorted(p.name for p in (tmp_path / "run").glob("*.png"))
     assert pngs == ["ci_one_hot.png", "feature_recon_error.png", "neuron_contributions.png"]
+
+    # n_alive counts by CI on the held-out batch, n_alive_norm by norm: W_in's CI switched off (output
+    # bias -100) leaves its 100 subcomponents alive by norm and none alive by CI
+    g = state.params.ci["layers.0.mlp_in"]
+    off = CIParams(g.weights, g.biases[:-1] + (g.biases[-1] - 100.0,), g.kind)
+    dead = SPDParams(state.params.components, {**state.params.ci, "layers.0.mlp_in": off})
+    out2 = exp.analyze(dead, t, None, run.loss)
+    assert (out2["n_alive/layers.0.mlp_in"], out2["n_alive_norm/layers.0.mlp_in"]) == (0, 100)
+    assert out2["n_alive"] == out2["n_alive/layers.0.mlp_out"] == out["n_alive/layers.0.mlp_out"]
+    assert out2["n_alive_norm"] == out["n_alive_norm"] == 200
 
 
 def test_neuron_contributions_of_an_exact_decomposition():

@@ -196,7 +196,8 @@ def test_build_smoke(tmp_path, monkeypatch):
     out = exp.analyze(state.params, t, tmp_path / "run", run.loss)
     json.dumps(out)  # flat and JSON-able
     for k in [
-        "mmcs", "ml2r", "n_alive/linear1", "n_alive/linear2.pre_identity", "ci_l0/linear1",
+        "mmcs", "ml2r", "n_alive/linear1", "n_alive/linear2", "n_alive/linear2.pre_identity", "n_alive",
+        "n_alive_norm/linear1", "n_alive_norm/linear2.pre_identity", "n_alive_norm", "ci_l0/linear1",
         "ci_l0/linear2", "ci_l0/linear2.pre_identity", "n_ci_active/linear1", "identity_ci_error/linear1",
         "identity_ci_error/linear2", "identity_ci_error/linear2.pre_identity", "identity_ci_error",
         "target_seed",
@@ -204,14 +205,19 @@ def test_build_smoke(tmp_path, monkeypatch):
         assert k in out, k
     assert all(not isinstance(v, (dict, list)) for v in out.values())
     assert out["target_seed"] == exp.info["seed_used"]
-    assert 0 <= out["n_alive/linear1"] <= 20
+    assert 0 <= out["n_alive/linear1"] <= 20 and 0 <= out["n_alive_norm/linear1"] <= 20
+    assert "n_alive_norm/linear2" not in out  # tied: no parameters of its own
     pngs = sorted(p.name for p in (tmp_path / "run").glob("*.png"))
     assert pngs == ["ci_one_hot.png", "columns_linear1.png", "columns_linear2.pre_identity.png"]
 
 
-def _perfect_params(W, C=20):
+def _perfect_params(W, C=20, residue=0.0):
     """Hand-made ideal SPD solution for TMS 5-2 +ID: one subcomponent per feature, I split in two,
-    CI functions that are 1 exactly where the subcomponent is needed on one-hot inputs."""
+    CI functions that are 1 exactly where the subcomponent is needed on one-hot inputs.
+
+    `residue` > 0: never-active subcomponents keep a small norm, as training leaves them (toy_models.md):
+    the identity's other 18 share a correction `residue * (1, 1)` (liveness 2 sqrt(2) residue), linear1's
+    subcomponent 5 is a column of norm 10 * residue orthogonal to W's first column; their CI stays < 0.1."""
     n_h, n_f = W.shape
     V1, U1 = np.zeros((n_f, C)), np.zeros((C, n_h))
     V1[np.arange(n_f), np.arange(n_f)] = 1.0
@@ -219,6 +225,11 @@ def _perfect_params(W, C=20):
     Vi, Ui = np.zeros((n_h, C)), np.zeros((C, n_h))
     Vi[np.arange(n_h), np.arange(n_h)] = 1.0
     Ui[np.arange(n_h), np.arange(n_h)] = 1.0
+    if residue:
+        V1[0, n_f] = 1.0
+        U1[n_f] = 10 * residue * np.array([-W[1, 0], W[0, 0]]) / np.linalg.norm(W[:, 0])
+        Vi[:, n_h:] = 1.0
+        Ui[n_h:] = residue
 
     def ci(w1, b1, b2):  # z_c = gelu(w1 h_c + b1) + b2_c, hidden width 1
         f = lambda a: jnp.asarray(a, jnp.float32)
@@ -229,7 +240,7 @@ def _perfect_params(W, C=20):
         )
 
     # linear sites: h = 0.75 ||W_i||^2 ~ 0.75 on the own feature, |h| <= 0.75 cos(72 deg) elsewhere
-    sparse = ci(10.0, -5.0, np.zeros(C))
+    sparse = ci(10.0, -5.0, np.where(np.arange(C) == n_f, -10.0, 0.0) if residue else np.zeros(C))
     dense = ci(0.0, 0.0, np.where(np.arange(C) < n_h, 2.0, -1.0))  # always on / always off
     comps = {
         "linear1": Components(jnp.asarray(V1, jnp.float32), jnp.asarray(U1, jnp.float32)),
@@ -252,8 +263,11 @@ def test_analyze_perfect_solution(tmp_path):
     out = analyze(_perfect_params(W), target, tmp_path, spdjax.LossConfig())
     assert out["mmcs"] == pytest.approx(1.0, abs=1e-6)
     assert out["ml2r"] == pytest.approx(1.0, abs=1e-6)
-    assert out["n_alive/linear1"] == 5 and out["n_alive/linear2.pre_identity"] == 2
-    assert out["n_alive"] == 7
+    # alive by CI (> 0.1 on some held-out input): every site, the tied linear2 with its own CI function
+    assert (out["n_alive/linear1"], out["n_alive/linear2"], out["n_alive/linear2.pre_identity"]) == (5, 5, 2)
+    assert out["n_alive"] == 12
+    assert (out["n_alive_norm/linear1"], out["n_alive_norm/linear2.pre_identity"]) == (5, 2)
+    assert out["n_alive_norm"] == 7
     assert (out["n_alive_gap/linear1"], out["n_alive_gap/linear2.pre_identity"]) == (5, 2)
     assert out["liveness_gap_ratio/linear1"] > 1e100  # the other 15 are exactly 0
     assert out["identity_ci_error/linear1"] == 0
@@ -265,6 +279,14 @@ def test_analyze_perfect_solution(tmp_path):
     assert 0.0 < out["ci_l0/linear1"] < 0.25  # features active with value > 0.5 only
     assert out["target_seed"] == 7
     assert (tmp_path / "ci_one_hot.png").exists()
+
+    # dead subcomponents keeping a small norm (liveness 0.1 on linear1, 0.028 on the identity: > 0.017)
+    # but never firing: alive by norm, not by CI
+    out = analyze(_perfect_params(W, residue=0.01), target, None, spdjax.LossConfig())
+    assert (out["n_alive/linear1"], out["n_alive/linear2.pre_identity"], out["n_alive"]) == (5, 2, 12)
+    assert (out["n_alive_norm/linear1"], out["n_alive_norm/linear2.pre_identity"]) == (6, 20)
+    assert out["n_alive_norm"] == 26
+    assert out["mmcs"] == pytest.approx(1.0, abs=1e-6) and out["identity_ci_error"] == 0
 
 
 @pytest.mark.parametrize("name", ["tms_5-2", "tms_5-2_id", "tms_40-10", "tms_40-10_id"])

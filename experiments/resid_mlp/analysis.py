@@ -26,7 +26,8 @@ from spdjax.losses import LossConfig, clean_forward
 from spdjax.targets.base import Target
 
 ONE_HOT_VALUE = 0.75
-ALIVE_THRESHOLD = 0.017
+ALIVE_THRESHOLD = metrics.NORM_ALIVE_THRESHOLD  # the secondary norm count (n_alive_norm)
+CI_ALIVE_THRESHOLD = metrics.CI_ALIVE_THRESHOLD  # n_alive: CI > 0.1 on some held-out input (toy_models.md)
 CI_TOL = 0.1
 OWN_W_IN_CI = 0.9  # n_features_with_own_w_in: the feature's best W_in subcomponent has CI >= this
 NEURON_ALIGNED = 0.95  # a W_out subcomponent is neuron-aligned when max_j |V_jc| / ||V_c|| >= this
@@ -139,7 +140,10 @@ def make_analyze(
     """`analyze(params, target, workdir, loss) -> flat summary dict`, writing figures into `workdir`
     (None: none); the CI sigmoid and the CI-L0 threshold come from `loss` (the run's `LossConfig`).
 
-    Keys: `ci_l0/<site>` and `n_ci_active/<site>` (held-out batch; `metrics.n_ci_active`), `n_alive/<site>` and `n_alive`; IdentityCIError on one-hot
+    Keys: `ci_l0/<site>` and `n_ci_active/<site>` (held-out batch, the run's CI-L0 threshold);
+    `n_alive/<site>` for every site (subcomponents with CI > 0.1 on at least one input of the held-out
+    batch, toy_models.md) and `n_alive` (their sum); `n_alive_norm/<site>` and `n_alive_norm` (the
+    secondary norm count, liveness score > 0.017; see `metrics.alive_counts`); IdentityCIError on one-hot
     inputs 0.75 e_i: `identity_ci_error/<W_in site>` (one layer) or `identity_ci_error/layers.*.mlp_in`
     (all W_in sites' CI columns concatenated; identity pattern), `identity_ci_error/<W_out site>` (dense,
     k = d_mlp), `identity_ci_error` (their sum, tol 0.1), `identity_ci_error_tol0.2`;
@@ -166,12 +170,12 @@ def make_analyze(
         names = [s.name for s in target.sites]
         w_in = [n for n in names if n.endswith(".mlp_in")]
         w_out = [n for n in names if n.endswith(".mlp_out")]
-        for s in target.primary_sites:
-            out[f"n_alive/{s.name}"] = metrics.n_alive(params.components[s.name], ALIVE_THRESHOLD)
-        out["n_alive"] = sum(out[f"n_alive/{s.name}"] for s in target.primary_sites)
-
         batch = eval_batch_fn(jax.random.fold_in(jax.random.PRNGKey(seed), 0x7E57))
-        for name, g in metrics.batch_ci(params, target, batch, sigmoid).items():
+        ci_eval = metrics.batch_ci(params, target, batch, sigmoid)
+        out.update(metrics.alive_counts(
+            params.components, target.sites, ci_eval, CI_ALIVE_THRESHOLD, ALIVE_THRESHOLD
+        ))
+        for name, g in ci_eval.items():
             out[f"ci_l0/{name}"] = metrics.ci_l0(g, ci_l0_threshold)
             out[f"n_ci_active/{name}"] = metrics.n_ci_active(g, ci_l0_threshold)
         expected = expected_ci_l0(n_features, d_mlp, feature_prob)

@@ -15,7 +15,8 @@ from spdjax.losses import LossConfig
 from spdjax.targets.base import Target
 
 ONE_HOT_VALUE = 0.75
-ALIVE_THRESHOLD = 0.017
+ALIVE_THRESHOLD = metrics.NORM_ALIVE_THRESHOLD  # the secondary norm count (n_alive_norm) and the figures
+CI_ALIVE_THRESHOLD = metrics.CI_ALIVE_THRESHOLD  # n_alive: CI > 0.1 on some held-out input (toy_models.md)
 CI_TOL = 0.1
 MAX_PANELS = 63  # subcomponents drawn per site
 
@@ -39,11 +40,15 @@ def make_analyze(
     (None: none); the CI sigmoid and the CI-L0 threshold come from `loss` (the run's `LossConfig`).
 
     Keys: `mmcs`, `ml2r` (on W, the `linear1` site; also `mmcs/<site>`, `ml2r/<site>` for every primary
-    linear site), `n_alive/<site>` for every primary site and `n_alive` (their sum), `n_alive_gap/<site>` and
-    `liveness_gap_ratio/<site>` (threshold-free: the count above the widest gap in the sorted liveness
-    scores, and that gap's ratio; see `metrics.liveness_gap`), `ci_l0/<site>` on
-    a fresh eval batch, `identity_ci_error/<site>` and `identity_ci_error` (total), `target_seed`,
-    `target_n_represented`.
+    linear site); `n_alive/<site>` for every site (tied and identity sites included): subcomponents whose
+    CI exceeds 0.1 on at least one input of the held-out eval batch (toy_models.md), and `n_alive` their
+    sum (a tied pair counts its shared subcomponents once per site); `n_alive_norm/<site>` for every primary
+    site and `n_alive_norm`: the secondary norm count (liveness score > 0.017, `metrics.n_alive`);
+    `n_alive_gap/<site>` and `liveness_gap_ratio/<site>` (threshold-free: the count above the widest gap in
+    the sorted liveness scores, and that gap's ratio; see `metrics.liveness_gap`); `ci_l0/<site>` and
+    `n_ci_active/<site>` (CI above the run's CI-L0 threshold) on the held-out eval batch,
+    `identity_ci_error/<site>` and `identity_ci_error` (total), `target_seed`, `target_n_represented`.
+    The figures show the subcomponents alive by norm.
     """
 
     def analyze(params: SPDParams, target: Target, workdir: Path | None, loss: LossConfig) -> dict:
@@ -55,17 +60,18 @@ def make_analyze(
             if s.kind == "linear":
                 mm, ml = metrics.mmcs_ml2r(kernels[s.name], comps)
                 out[f"mmcs/{s.name}"], out[f"ml2r/{s.name}"] = mm, ml
-            out[f"n_alive/{s.name}"] = metrics.n_alive(comps, ALIVE_THRESHOLD)
             out[f"n_alive_gap/{s.name}"], out[f"liveness_gap_ratio/{s.name}"] = metrics.liveness_gap(comps)
         main = "linear1" if "linear1" in params.components else next(
             (s.name for s in target.primary_sites if s.kind == "linear"), None
         )
         if main is not None and f"mmcs/{main}" in out:
             out["mmcs"], out["ml2r"] = out[f"mmcs/{main}"], out[f"ml2r/{main}"]
-        out["n_alive"] = sum(out[f"n_alive/{s.name}"] for s in target.primary_sites)
 
         batch = eval_batch_fn(jax.random.fold_in(jax.random.PRNGKey(seed), 0x7E57))
         ci_eval = metrics.batch_ci(params, target, batch, sigmoid)
+        out.update(metrics.alive_counts(
+            params.components, target.sites, ci_eval, CI_ALIVE_THRESHOLD, ALIVE_THRESHOLD
+        ))
         for name, g in ci_eval.items():
             out[f"ci_l0/{name}"] = metrics.ci_l0(g, ci_l0_threshold)
             out[f"n_ci_active/{name}"] = metrics.n_ci_active(g, ci_l0_threshold)
@@ -98,7 +104,7 @@ def _figures(params, target, kernels, ci, patterns, workdir: Path) -> None:
         alive = metrics.alive_indices(comps, ALIVE_THRESHOLD)  # largest first
         shown = alive[:MAX_PANELS]
         order = plots.order_by_column(comps, shown)
-        title = f"{s.name}: target vs {len(alive)} alive subcomponents"
+        title = f"{s.name}: target vs {len(alive)} subcomponents alive by norm (> {ALIVE_THRESHOLD})"
         if len(shown) < len(alive):
             title += f" (largest {len(shown)} shown)"
         if kernels[s.name].shape[1] == 2:

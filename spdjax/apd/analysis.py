@@ -2,8 +2,15 @@
 
 - `mmcs/<site>`, `ml2r/<site>` for every primary linear site, on the columns `P_{c,l}[j, :]` of the
   dense component kernels (`mmcs`, `ml2r`: on `linear1` when present, else the first linear site);
-- `n_alive`: components with `sum_l sum_j ||P_{c,l}[j, :]|| > 0.017` (the SPD reference's liveness
-  score summed over sites); `n_alive/<site>` per site;
+- `n_alive`: components alive by activity, the APD counterpart of SPD's causal-importance count
+  (APD has no CI): components that the run's own top-k selection (`apd.topk`, batch or per-sample as in
+  training) keeps on at least one position of the held-out batch, i.e. that batch's `topk/n_used`.
+  Without top-k (`apd.topk=None`, L_p sparsity runs) a component counts where its attribution is at
+  least `ATTR_ALIVE_SHARE` (0.1) of the position's largest attribution. A component spans every site
+  and is selected for all of them at once, so there is no per-site activity count;
+- `n_alive_norm`: components with `sum_l sum_j ||P_{c,l}[j, :]|| > 0.017` (the SPD reference's
+  liveness score summed over sites; secondary: a component that keeps a small norm but is never
+  selected counts here, not in `n_alive`); `n_alive_norm/<site>` per site (the figures show these);
 - on one-hot inputs `x = 0.75 e_i` (float-vector targets): attributions `(n_features, C)`,
   `n_features_with_own_component` (feature i's largest-attribution component is no other feature's
   largest and holds >= half of i's attribution), the misses split into `n_shared_components` (largest
@@ -32,7 +39,8 @@ from spdjax.apd.topk import sample_topk_mask
 from spdjax.targets.base import Target
 
 ONE_HOT_VALUE = 0.75
-ALIVE_THRESHOLD = 0.017
+ALIVE_THRESHOLD = 0.017  # n_alive_norm
+ATTR_ALIVE_SHARE = 0.1  # n_alive without top-k: attribution >= this share of the position's largest
 OWN_SHARE = 0.5
 
 
@@ -52,6 +60,28 @@ def _eval_fn(params, target, batch, config: APDConfig):
 
 
 _eval_jit = jax.jit(_eval_fn)
+
+
+def _attr_alive_fn(params, target, batch, config: APDConfig, share: float):
+    _, inputs = clean_forward(target, batch)
+    attr = attributions(config.attribution, params, target, batch, inputs)
+    attr = attr.reshape(-1, attr.shape[-1])
+    top = jnp.max(attr, axis=-1, keepdims=True)
+    return jnp.any((attr >= share * top) & (top > 0), axis=0)
+
+
+_attr_alive_jit = jax.jit(_attr_alive_fn, static_argnames="share")
+
+
+def n_alive_by_activity(params: APDParams, target: Target, config: APDConfig, batch, eval_metrics=None) -> int:
+    """Components selected on at least one position of `batch` (see the module docstring): with top-k,
+    `topk/n_used` of the batch's evaluation (`eval_metrics`, computed when not given); without, the
+    components whose attribution reaches `ATTR_ALIVE_SHARE` of a position's largest."""
+    if config.topk is None:
+        return int(np.sum(np.asarray(_attr_alive_jit(params, target, batch, config, ATTR_ALIVE_SHARE))))
+    if eval_metrics is None:
+        eval_metrics = jax.device_get(_eval_jit(params, target, batch, config))
+    return int(round(float(eval_metrics["topk/n_used"])))
 
 
 def ownership(attr, share: float = OWN_SHARE) -> dict:
@@ -98,9 +128,9 @@ def analyze(
         if s.kind == "linear":
             out[f"mmcs/{s.name}"], out[f"ml2r/{s.name}"] = metrics.mmcs_ml2r_dense(kernels[s.name], dense[s.name])
         norms = metrics.dense_component_norms(dense[s.name])
-        out[f"n_alive/{s.name}"] = int(np.sum(norms > ALIVE_THRESHOLD))
+        out[f"n_alive_norm/{s.name}"] = int(np.sum(norms > ALIVE_THRESHOLD))
         liveness = liveness + norms
-    out["n_alive"] = int(np.sum(liveness > ALIVE_THRESHOLD))
+    out["n_alive_norm"] = int(np.sum(liveness > ALIVE_THRESHOLD))
     main = "linear1" if "mmcs/linear1" in out else next(
         (s.name for s in target.primary_sites if f"mmcs/{s.name}" in out), None
     )
@@ -110,6 +140,7 @@ def analyze(
     out["n_target_weights"] = n_target_params(target)
     ev = jax.device_get(_eval_jit(params, target, eval_batch, config))
     out.update({k: float(v) for k, v in ev.items()})
+    out["n_alive"] = n_alive_by_activity(params, target, config, eval_batch, ev)
     attr = None
     if n_features:
         x = ONE_HOT_VALUE * jnp.eye(n_features, dtype=jnp.float32)
@@ -171,16 +202,16 @@ def figures(kernels, dense, attr, liveness, workdir: Path, target: Target) -> No
             n = 1 + len(order)
             fig, axes = plt.subplots(1, n, figsize=(2.0 * n, 2.2), squeeze=False)
             plot_columns_2d(axes[0], K, [P[c] for c in order], [f"component {c}" for c in order])
-            fig.suptitle(f"APD {s.name}: target columns vs {len(alive)} alive components", fontsize=9)
+            fig.suptitle(f"APD {s.name}: target columns vs {len(alive)} components alive by norm", fontsize=9)
             name = f"columns_{s.name}.png"
         else:
             norms = np.linalg.norm(P[order], axis=2).T if order else np.zeros((K.shape[0], 0))
             fig, ax = plt.subplots(figsize=(max(4, 0.15 * len(order) + 2), max(3, 0.1 * K.shape[0] + 1)))
             im = ax.imshow(norms / np.maximum(np.linalg.norm(K, axis=1)[:, None], 1e-12), aspect="auto", cmap="viridis")
             fig.colorbar(im, ax=ax, label="||P_c[j]|| / ||W[j]||")
-            ax.set_xlabel("alive component (ordered by largest column)")
+            ax.set_xlabel("component alive by norm (ordered by largest column)")
             ax.set_ylabel("column j (input dimension)")
-            ax.set_title(f"APD {s.name}: column norms of {len(alive)} alive components", fontsize=9)
+            ax.set_title(f"APD {s.name}: column norms of {len(alive)} components alive by norm", fontsize=9)
             name = f"column_norms_{s.name}.png"
         fig.savefig(workdir / name, dpi=110, bbox_inches="tight")
         plt.close(fig)

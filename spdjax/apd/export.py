@@ -10,10 +10,11 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from spdjax.apd.components import APDComponents, APDParams
 from spdjax.apd.losses import APDConfig
+from spdjax.export import save_tensors
 
 FORMAT = "spdjax-apd-decomposition"
 TENSORS = "apd.safetensors"
@@ -27,7 +28,7 @@ def save(path: str | Path, params: APDParams, sites, config: APDConfig, extra: d
     for name, c in params.components.items():
         tensors[f"components/{name}/A"] = np.ascontiguousarray(np.asarray(c.A))
         tensors[f"components/{name}/B"] = np.ascontiguousarray(np.asarray(c.B))
-    save_file(tensors, str(path / (TENSORS + ".tmp")))
+    save_tensors(tensors, path / (TENSORS + ".tmp"))  # mode 0666 & ~umask, as apd.json's
     (path / (TENSORS + ".tmp")).replace(path / TENSORS)
     meta = {
         "format": FORMAT,

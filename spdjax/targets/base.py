@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from spdjax.sites import SiteSpec, identity_spec
+from spdjax.sites import IDENTITY_SUFFIX, SiteSpec, identity_spec
 
 # handler(spec, a, kernel, bias, layer_call) -> site output. kernel: (d_in, d_out) or None for
 # identity sites; layer_call(a) is what the target's own layer computes.
@@ -43,6 +43,19 @@ def intercept(handler: SiteHandler) -> Iterator[None]:
         _HANDLER.reset(token)
 
 
+def check_input(spec: SiteSpec, a: Array) -> None:
+    """ValueError unless `a: (*lead, *spec.in_shape)` (dense kinds; embed ids have no feature axis)."""
+    want = tuple(spec.in_shape)
+    shape = tuple(getattr(a, "shape", ()))
+    if not want or (len(shape) >= len(want) and shape[len(shape) - len(want):] == want):
+        return
+    dtype = getattr(a, "dtype", None)
+    got = f"{dtype}{list(shape)}" if dtype is not None else str(list(shape))
+    raise ValueError(
+        f"site {spec.name!r} expects inputs of shape (..., {', '.join(map(str, want))}), got {got}"
+    )
+
+
 def call_site(
     spec: SiteSpec,
     a: Array,
@@ -50,7 +63,12 @@ def call_site(
     bias: Array | None,
     layer_call: Callable[[Array], Array],
 ) -> Array:
-    """What a site computes now: `layer_call(a)` normally, the active handler's answer inside `intercept`."""
+    """What a site computes now: `layer_call(a)` normally, the active handler's answer inside `intercept`.
+
+    An input whose trailing axes are not the site's `in_shape` raises a one-line ValueError naming the
+    site, the shape it expects and the one it got (at trace time, so it costs nothing under `jit`).
+    """
+    check_input(spec, a)
     handler = _HANDLER.get()
     if handler is None:
         return layer_call(a)
@@ -68,7 +86,8 @@ class Target:
         sites included.
       apply_fn: `(params, batch) -> output`; sites go through `call_site`.
       kernels_fn: `params -> {site name: (kernel (d_in, d_out), bias or None)}` for every
-        non-identity site.
+        non-identity site, and for the layer each identity site is inserted before (its host; only its
+        kernel's dtype is used: the identity's kernel has it, float32 where the host is missing).
     """
 
     params: Any
@@ -97,12 +116,15 @@ class Target:
         raise KeyError(f"no site named {name!r}; sites: {list(self.site_names)}")
 
     def kernels(self) -> dict[str, Array]:
-        """`{site name: kernel (d_in, d_out)}` for every site (identity sites give the identity)."""
+        """`{site name: kernel (d_in, d_out)}` for every site (identity sites give the identity, in the
+        dtype of the kernel of the layer it is inserted before)."""
         found = self.kernels_fn(self.params)
         out = {}
         for s in self.sites:
             if s.kind == "identity":
-                out[s.name] = jnp.eye(s.d_in, dtype=jnp.float32)
+                host = found.get(s.name[: -len(IDENTITY_SUFFIX)])
+                dtype = host[0].dtype if host is not None else jnp.float32
+                out[s.name] = jnp.eye(s.d_in, dtype=dtype)
             else:
                 out[s.name] = found[s.name][0]
         return out

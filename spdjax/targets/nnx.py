@@ -131,7 +131,7 @@ def from_nnx(
       call: `(model, batch) -> output`; default `model(batch)`.
     """
     patterns = as_patterns(sites)
-    id_patterns = as_patterns(identity) if identity else ()
+    id_patterns = as_patterns(identity, "identity") if identity else ()
     tied = dict(tied or {})
     call = call or (lambda m, x: m(x))
 
@@ -176,10 +176,9 @@ def from_nnx(
             node = m
             for k in raw_paths[path]:
                 node = _get(node, k)
-            spec = by_name.get(path)
-            if spec is not None:
-                k, b = _layer_kernel(node.layer)
-                out[path] = (k.reshape(spec.d_in, spec.d_out), b)
+            spec = found[path]  # a site, or the host of an identity site (Target.kernels: its dtype)
+            k, b = _layer_kernel(node.layer)
+            out[path] = (k.reshape(spec.d_in, spec.d_out), b)
         return out
 
     target = Target(hooked_state, specs, apply_fn, kernels_fn)

@@ -60,7 +60,7 @@ def from_apply(
 ) -> Target:
     """Wrap a pure apply function as a `Target`; see the module docstring for the contract."""
     patterns = as_patterns(sites)
-    id_patterns = as_patterns(identity) if identity else ()
+    id_patterns = as_patterns(identity, "identity") if identity else ()
     tied = dict(tied or {})
     leaves = _leaf_paths(params)
     kernels = {p: v for p, v in leaves.items() if jnp.ndim(v) == 2}
@@ -85,7 +85,7 @@ def from_apply(
 
     def kernels_fn(params):
         leaves = _leaf_paths(params)
-        return {p: (leaves[p], None) for p in matched}
+        return {p: (leaves[p], None) for p in hooked}  # sites and identity hosts
 
     target = Target(params, specs, wrapped, kernels_fn)
     if tied:
