@@ -1,0 +1,145 @@
+"""The forward passes the loss terms are made of: the clean pass, the CI function and masked passes.
+
+Shapes: a batch has leading axes `*lead` (batch, positions, ...); CI and masks are `(*lead, C)` per site;
+S-stacked masks carry a leading `S` axis. `remat=True` wraps a pass in `jax.checkpoint` (its activations are
+recomputed in the backward pass instead of stored): same values and gradients, less memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from spdjax.ci import ci_raw
+from spdjax.components import masked_site_output, site_components
+from spdjax.decomposition import SPDParams
+from spdjax.masks import SiteMask
+from spdjax.sigmoids import get_sigmoids
+from spdjax.targets.base import Target
+
+DIVERGENCES = ("mse", "kl")
+
+
+def _maybe_remat(fn, remat: bool):
+    return jax.checkpoint(fn) if remat else fn
+
+
+def divergence(kind: str, pred: Array, target: Array) -> Float[Array, ""]:
+    """D(pred, target): `mse` (mean over elements) or `kl` (KL(target || pred) over the last axis)."""
+    if kind == "mse":
+        return jnp.mean((pred - target) ** 2)
+    if kind == "kl":
+        lt = jax.nn.log_softmax(target, axis=-1)
+        lp = jax.nn.log_softmax(pred, axis=-1)
+        return jnp.mean(jnp.sum(jnp.exp(lt) * (lt - lp), axis=-1))
+    raise ValueError(f"output_loss: unknown divergence {kind!r}; allowed: {list(DIVERGENCES)}")
+
+
+def clean_forward(target: Target, batch: Any) -> tuple[Array, dict[str, Array]]:
+    """Target output and every site's input in the clean forward pass (gradients stopped)."""
+    inputs: dict[str, Array] = {}
+
+    def record(spec, a, kernel, bias, layer_call):
+        inputs[spec.name] = a
+        return layer_call(a)
+
+    out = target.run(batch, record)
+    missing = [n for n in target.site_names if n not in inputs]
+    if missing:
+        raise ValueError(f"sites {missing} were never called in the target's forward pass")
+    return jax.lax.stop_gradient(out), jax.lax.stop_gradient(inputs)
+
+
+class CIOutputs(NamedTuple):
+    raw: dict[str, Array]
+    lower: dict[str, Array]  # masks and CI-masked losses
+    upper: dict[str, Array]  # importance minimality
+
+
+def compute_ci(
+    params: SPDParams, target: Target, inputs: dict[str, Array], sigmoid: str, remat: bool = False
+) -> CIOutputs:
+    """Raw, lower-leaky and upper-leaky importances `(*lead, C)` for every site (`remat`: per site CI
+    function under `jax.checkpoint`)."""
+    sig = get_sigmoids(sigmoid)
+    raw = {}
+    for s in target.sites:
+        f = _maybe_remat(lambda p, a, comp, s=s: ci_raw(p, s, a, comp), remat)
+        raw[s.name] = f(params.ci[s.name], inputs[s.name], site_components(params.components, s))
+    return CIOutputs(
+        raw,
+        {n: sig.lower(z) for n, z in raw.items()},
+        {n: sig.upper(z) for n, z in raw.items()},
+    )
+
+
+def masked_forward(
+    params: SPDParams, target: Target, batch: Any, site_masks: dict[str, SiteMask], remat: bool = False
+) -> Array:
+    """Target forward with each site in `site_masks` computing its masked factored map; others clean."""
+
+    def run(params, site_masks):
+        def handler(spec, a, kernel, bias, layer_call):
+            if spec.name not in site_masks:
+                return layer_call(a)
+            m = site_masks[spec.name]
+            return masked_site_output(
+                spec, a, site_components(params.components, spec), m.mask, m.delta, kernel, bias
+            )
+
+        return target.run(batch, handler)
+
+    return _maybe_remat(run, remat)(params, site_masks)
+
+
+def layerwise_forward_losses(
+    params: SPDParams,
+    target: Target,
+    batch: Any,
+    out: Array,
+    site_masks: dict[str, SiteMask],
+    output_loss: str,
+    unroll: int | None = None,
+    remat: bool = False,
+) -> Float[Array, ""]:
+    """Mean over sites l of D(forward with only site l masked, out).
+
+    `unroll=None` (default) traces one forward pass per site, each with only that site masked: XLA
+    then shares every pass's clean prefix with the clean forward pass and skips the masked branch
+    elsewhere (resid_mlp:2 step: 106 -> 46 GFLOP). For many sites pass an int: the sites are swept
+    with `lax.scan` (that unroll factor), each handler running `lax.cond(l == its index, masked,
+    clean)`, which keeps compile time and code size flat in the number of sites at the price of
+    recomputing the clean parts in every iteration.
+    """
+    names = [s.name for s in target.sites if s.name in site_masks]
+    if unroll is None:
+        total = 0.0
+        for n in names:
+            pred = masked_forward(params, target, batch, {n: site_masks[n]}, remat)
+            total = total + divergence(output_loss, pred, out)
+        return total / len(names)
+    index = {n: i for i, n in enumerate(names)}
+
+    def body(total, l):
+        def run(params, site_masks):
+            def handler(spec, a, kernel, bias, layer_call):
+                if spec.name not in index:
+                    return layer_call(a)
+                m = site_masks[spec.name]
+                comp = site_components(params.components, spec)
+
+                def masked(a):
+                    return masked_site_output(spec, a, comp, m.mask, m.delta, kernel, bias)
+
+                return jax.lax.cond(l == index[spec.name], masked, layer_call, a)
+
+            return target.run(batch, handler)
+
+        pred = _maybe_remat(run, remat)(params, site_masks)
+        return total + divergence(output_loss, pred, out), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), out.dtype), jnp.arange(len(names)), unroll=unroll)
+    return total / len(names)

@@ -1,0 +1,65 @@
+"""`loss_fn`: the configured terms composed into the SPD loss, and its metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from spdjax.decomposition import SPDParams, check_params
+from spdjax.losses.config import LossConfig
+from spdjax.losses.forward import clean_forward, compute_ci
+from spdjax.losses.registry import TERMS, LossContext, TermOptions
+from spdjax.losses.terms import annealed_p
+from spdjax.targets.base import Target
+
+
+def ci_l0(ci_lower: dict[str, Array], threshold: float = 0.1) -> dict[str, Array]:
+    """Mean number of subcomponents per input (position) with CI > threshold, per site."""
+    return {n: jnp.mean(jnp.sum(g > threshold, axis=-1).astype(jnp.float32)) for n, g in ci_lower.items()}
+
+
+def loss_fn(
+    params: SPDParams,
+    target: Target,
+    batch: Any,
+    key: Array,
+    config: LossConfig = LossConfig(),
+    progress: float | Array = 0.0,
+    extra_terms: tuple[str | tuple[str, TermOptions], ...] = (),
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+    """The SPD loss: `sum_i coeff_i * term_i` over `config.terms`, and its metrics.
+
+    Pure, jittable (`jax.jit(loss_fn)` works as is: `target` and `config` carry their static parts)
+    and differentiable in `params`. `progress` (fraction of training done) drives p-annealing.
+    `extra_terms` are computed for the metrics only (evaluation), never added: names (with
+    `config.options_for(name)`) or `(name, options)` pairs.
+
+    Returns `(loss, metrics)`; metrics hold every computed term under `loss/<term>`, the total under
+    `loss/total`, `ci_l0/<site>` and the current `p`.
+    """
+    check_params(params, target)
+    out, inputs = clean_forward(target, batch)
+    ci = compute_ci(params, target, inputs, config.sigmoid, config.remat)
+    ctx = LossContext(params, target, batch, out, inputs, ci, key, config, jnp.asarray(progress))
+    configured = config.term_dict
+    todo = list(config.terms)
+    for t in extra_terms:
+        name, opts = t if isinstance(t, tuple) else (t, None)
+        if name not in TERMS:
+            raise ValueError(f"unknown loss term {name!r}; allowed: {sorted(TERMS)}")
+        if name not in configured and name not in [n for n, _ in todo]:
+            todo.append((name, config.options_for(name) if opts is None else opts))
+    metrics: dict[str, Array] = {}
+    total = jnp.zeros((), jnp.float32)
+    for name, opts in todo:
+        value = TERMS[name](ctx, opts)
+        metrics[f"loss/{name}"] = value
+        if name in configured and opts.coeff != 0.0:
+            total = total + opts.coeff * value
+    metrics["loss/total"] = total
+    for n, v in ci_l0(ci.lower, config.ci_l0_threshold).items():
+        metrics[f"ci_l0/{n}"] = v
+    metrics["p"] = jnp.asarray(annealed_p(config.options_for("importance_minimality"), ctx.progress), jnp.float32)
+    return total, metrics
