@@ -36,6 +36,15 @@ class Method(abc.ABC):
     def __init__(self, settings: Any):
         self.settings = settings
 
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.settings == self.settings
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.settings))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.settings!r})"
+
     @classmethod
     @abc.abstractmethod
     def from_config(cls, cfg: ml_collections.ConfigDict, optim: OptimConfig) -> "Method":

@@ -20,10 +20,10 @@ from spdjax.apd import topk as topk_lib
 from spdjax.apd.components import APDComponents, APDParams, site_components
 from spdjax.apd.forward import clean_forward, masked_forward
 from spdjax.apd.losses import TERMS, APDConfig, apd_loss_fn
-from spdjax.apd.train import make_schedule, normalize_A, project_A_grads
+from spdjax.apd.method import normalize_A, project_A_grads
 from spdjax.config import load_config_file
+from spdjax.optim import OptimConfig, make_schedule
 from spdjax.targets.pure import linear
-from spdjax.train import OptimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 D0, D1, D2, C, M, NB = 3, 4, 2, 3, 2, 5
@@ -306,12 +306,12 @@ def test_unit_norm_and_projection(x64):
 
 
 def test_schedule():
-    s = make_schedule(OptimConfig(steps=101, lr=2.0, schedule="cosine", warmup_frac=0.1, faithfulness_warmup_steps=0))
+    s = make_schedule(OptimConfig(steps=101, lr=2.0, schedule="apd_cosine", warmup_frac=0.1, faithfulness_warmup_steps=0))
     np.testing.assert_allclose([float(s(t)) for t in (0, 5, 10, 50, 100)],
                                [0.0, 1.0, 2.0 * math.cos(math.pi / 4), 2.0 * math.cos(math.pi / 4), 0.0][:2]
                                + [2.0 * math.cos(0.5 * math.pi * 10 / 100), 2.0 * math.cos(0.5 * math.pi * 0.5), 0.0],
                                atol=1e-6)
-    for kind in ("cosine", "linear"):  # never negative, also at and past the last step
+    for kind in ("apd_cosine", "apd_linear"):  # never negative, also at and past the last step
         f = make_schedule(OptimConfig(steps=20_000, lr=1e-3, schedule=kind, warmup_frac=0.05, faithfulness_warmup_steps=0))
         assert min(float(f(t)) for t in (19_998, 19_999, 20_000, 20_001)) >= 0.0
     c = make_schedule(OptimConfig(steps=20, lr=3e-2, schedule="constant", warmup_frac=0.05, faithfulness_warmup_steps=0))
@@ -326,24 +326,34 @@ def _load_config(name: str, arg: str):
 
 
 def test_config_errors():
-    from spdjax.apd.config import apd_config_from
     from spdjax.config import parse
+
+    def apd(name, arg=None):
+        return parse(_load_config(name, arg)).method.settings.apd
 
     cfg = _load_config("apd_tms_5-2", "smoke")
     rc = parse(cfg)
-    assert rc.method == "apd" and apd_config_from(rc.apd).C == 5
+    assert rc.method.name == "apd" and rc.method.settings.apd.C == 5
     cfg.method = "xyz"
     with pytest.raises(ValueError, match="config.method"):
         parse(cfg)
     cfg = _load_config("apd_tms_5-2", "smoke")
     cfg.apd.attribution = "nope"
     with pytest.raises(ValueError, match="apd.attribution"):
-        apd_config_from(parse(cfg).apd)
-    full = apd_config_from(parse(_load_config("apd_tms_40-10", None)).apd)
+        parse(cfg)
+    cfg = _load_config("apd_tms_5-2", "smoke")
+    cfg.optim.faithfulness_warmup_steps = 10
+    with pytest.raises(ValueError, match="faithfulness_warmup_steps must be 0 for APD"):
+        parse(cfg)
+    cfg = _load_config("apd_tms_5-2", "smoke")
+    cfg.loss = {}
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['loss'\] for method 'apd' \(\['loss'\] belong to another method\)"):
+        parse(cfg)
+    full = apd("apd_tms_40-10")
     assert (full.C, full.m, full.topk, full.schatten_p) == (50, 11, 1.0, 0.9)
-    r1 = apd_config_from(parse(_load_config("apd_resid_mlp", "1")).apd)
+    r1 = apd("apd_resid_mlp", "1")
     assert (r1.C, r1.m, r1.unit_norm_A, r1.init_scale) == (130, 50, True, 2.0)
-    tuned = apd_config_from(parse(_load_config("apd_resid_mlp", "1,tuned")).apd)
+    tuned = apd("apd_resid_mlp", "1,tuned")
     assert (tuned.init_scale, dict(tuned.coeffs)["schatten"], dict(r1.coeffs)["schatten"]) == (1.0, 20.0, 10.0)
     assert dataclasses.replace(tuned, init_scale=2.0, coeffs=r1.coeffs) == r1
     with pytest.raises(ValueError, match="no tuned recipe"):
@@ -352,7 +362,7 @@ def test_config_errors():
     cfg = _load_config("apd_tms_5-2", "smoke")
     cfg.apd.init_type = "orthogonal"
     with pytest.raises(ValueError, match="apd.init_type"):
-        apd_config_from(parse(cfg).apd)
+        parse(cfg)
 
 
 def _ownership_loop(attr, share=0.5):
@@ -467,7 +477,7 @@ def cache(tmp_path_factory):
 
 @pytest.mark.parametrize("name,arg", SMOKE, ids=[f"{n}:{a}" for n, a in SMOKE])
 def test_smoke_run(tmp_path, cache, name, arg):
-    from spdjax.run import run
+    from helpers import run_config as run
 
     cfg = _load_config(name, arg)
     s = run(cfg, tmp_path / "run", cache, quiet=True)
@@ -489,8 +499,9 @@ def test_smoke_run(tmp_path, cache, name, arg):
 
 def test_resume_is_exact(tmp_path, cache):
     """Stopped after a checkpoint and resumed: the same final parameters as an uninterrupted run."""
+    from helpers import run_config as run
+
     from spdjax.apd.export import load
-    from spdjax.run import run
 
     cfg = _load_config("apd_tms_5-2", "smoke")
     run(cfg, tmp_path / "a", cache, quiet=True)

@@ -7,8 +7,8 @@ import pytest
 
 from spdjax import config as config_lib
 from spdjax.losses import LossConfig
+from spdjax.optim import OptimConfig
 from spdjax.sites import SitePattern
-from spdjax.train import OptimConfig
 
 
 def valid_config() -> ml_collections.ConfigDict:
@@ -58,15 +58,16 @@ def test_valid_config_parses():
     assert rc.sites == (SitePattern("enc", 4), SitePattern("dec", 4))
     assert rc.tied == (("dec", "enc"),)
     assert rc.identity == (SitePattern("dec", 2),)
-    assert (rc.ci_type, rc.ci_hidden) == ("mlp", (16,))
-    assert isinstance(rc.loss, LossConfig) and isinstance(rc.optim, OptimConfig)
-    assert dict(rc.loss.coeffs) == {
+    spd = rc.method.settings
+    assert rc.method.name == "spd" and (spd.ci_type, spd.ci_hidden) == ("mlp", (16,))
+    assert isinstance(spd.loss, LossConfig) and isinstance(rc.optim, OptimConfig)
+    assert dict(spd.loss.coeffs) == {
         "stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0, "importance_minimality": 3e-3,
     }
-    assert (rc.loss.n_mask_samples, rc.loss.pnorm, rc.loss.use_delta_component) == (2, 2.0, True)
+    assert (spd.loss.n_mask_samples, spd.loss.pnorm, spd.loss.use_delta_component) == (2, 2.0, True)
     assert (rc.optim.steps, rc.optim.schedule, rc.optim.faithfulness_warmup_steps) == (100, "cosine", 20)
     assert (rc.batch_size, rc.eval_batch_size, rc.log_every) == (64, 128, 10)
-    hash(rc.loss)  # static under jit
+    hash(spd.loss)  # static under jit
 
 
 def test_minimal_config_gets_defaults():
@@ -75,7 +76,8 @@ def test_minimal_config_gets_defaults():
     cfg.sites = (("enc", 3),)
     cfg.optim = ml_collections.ConfigDict({"steps": 5})
     rc = config_lib.parse(cfg)
-    assert rc.loss == LossConfig()
+    assert rc.method.settings.loss == LossConfig()
+    assert rc.mesh.data == 0  # every device by default
     assert rc.optim == OptimConfig(steps=5)
     assert rc.tied == () and rc.identity == ()
     assert rc.eval_batch_size == rc.batch_size

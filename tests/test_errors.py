@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 import spdjax
-from experiments import Experiment
-from spdjax.run import check_batch
+from spdjax.experiment import Experiment
+from spdjax.runner import check_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ CASES = [
     ("--config.loss.bogus=1", "unknown config field 'bogus'"),
     ("--config.optim.lr=abc", "could not convert string to float: 'abc'"),
     ("--config.loss.n_mask_samples=0", "loss.n_mask_samples must be an int >= 1, got 0"),
-    ("--config.loss.pnorm=0.0", "loss.pnorm must be > 0"),
+    ("--config.loss.terms.importance_minimality.pnorm=0.0", "loss.terms.importance_minimality.pnorm must be > 0"),
     ("--config.ci.type=foo", "config.ci.type: unknown CI function 'foo'; allowed: ['mlp', 'vector_mlp', 'shared_mlp']"),
     ("--config.loss.sigmoid=tanh", "sigmoid: unknown sigmoid 'tanh'; allowed:"),
     ("--config.loss.output_loss=l1", "loss.output_loss: unknown 'l1'; allowed: ['mse', 'kl']"),

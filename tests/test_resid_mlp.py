@@ -172,13 +172,13 @@ def test_configs_parse(arg, L, nf, dmlp, C, hidden, lr, steps, tsteps):
     assert (t.batch_size, t.lr, t.feature_prob, t.weight_decay) == (2048, 3e-3, 0.01, 0.01)
     assert [(s.pattern, s.C) for s in run.sites] == [("layers.*.mlp_in", C), ("layers.*.mlp_out", C)]
     assert run.tied == () and run.identity == ()
-    assert run.loss.coeff_dict == {
+    assert run.method.settings.loss.coeff_dict == {
         "stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0, "importance_minimality": 1e-5
     }
-    assert run.loss.pnorm == 2.0 and run.loss.use_delta_component and run.loss.n_mask_samples == 1
+    assert run.method.settings.loss.pnorm == 2.0 and run.method.settings.loss.use_delta_component and run.method.settings.loss.n_mask_samples == 1
     assert (run.optim.steps, run.optim.lr, run.optim.schedule) == (steps, lr, "constant")
     assert run.optim.faithfulness_warmup_steps == 200
-    assert (run.ci_type, run.ci_hidden, run.batch_size) == ("mlp", hidden, 2048)
+    assert (run.method.settings.ci_type, run.method.settings.ci_hidden, run.batch_size) == ("mlp", hidden, 2048)
 
 
 @pytest.mark.parametrize(
@@ -189,17 +189,17 @@ def test_paper_recipe(arg, steps, minimality):
     """`,paper`: the SPD paper's appendix recipe, faithfulness instead of the delta component."""
     run = parse(load_config(arg))
     main = parse(load_config(str(run.target.n_layers)))
-    assert run.loss.coeff_dict == {
+    assert run.method.settings.loss.coeff_dict == {
         "faithfulness": 1.0, "stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0,
         "importance_minimality": minimality,
     }
-    assert not run.loss.use_delta_component and run.optim.faithfulness_warmup_steps == 0
+    assert not run.method.settings.loss.use_delta_component and run.optim.faithfulness_warmup_steps == 0
     assert run.optim.steps == steps
     # everything else as the main recipe, the target included (same cache entry)
-    assert run.target == main.target and run.sites == main.sites and run.ci_hidden == main.ci_hidden
+    assert run.target == main.target and run.sites == main.sites and run.method.settings.ci_hidden == main.method.settings.ci_hidden
     assert (run.optim.lr, run.optim.schedule, run.batch_size) == (main.optim.lr, "constant", 2048)
     smoke = parse(load_config(arg + ",smoke"))
-    assert smoke.optim.faithfulness_warmup_steps == 0 and not smoke.loss.use_delta_component
+    assert smoke.optim.faithfulness_warmup_steps == 0 and not smoke.method.settings.loss.use_delta_component
     with pytest.raises(ValueError, match="paper"):
         load_config("1,papers")
 
@@ -209,7 +209,7 @@ def test_smoke_configs_parse(arg, L):
     run = parse(load_config(arg))
     assert run.target.n_layers == L
     assert run.optim.steps <= 10 and run.batch_size <= 256 and run.target.steps <= 100
-    with pytest.raises(ValueError, match="1, 2 or 3"):
+    with pytest.raises(ValueError, match=r"configs/resid_mlp.py: unknown argument .4.; allowed: paper, smoke, 1, 2, 3"):
         load_config("4")
 
 
@@ -240,10 +240,10 @@ def test_build_smoke(tmp_path, monkeypatch):
 
     from spdjax.train import train
 
-    params = spdjax.init_decomposition(jax.random.PRNGKey(0), t, run.ci_type, run.ci_hidden)
+    params = spdjax.init_decomposition(jax.random.PRNGKey(0), t, run.method.settings.ci_type, run.method.settings.ci_hidden)
     optim = run.optim.__class__(**{**run.optim.__dict__, "steps": 2, "faithfulness_warmup_steps": 2})
-    state, _ = train(t, params, run.loss, optim, jax.random.PRNGKey(1), batch_fn=exp.batch_fn)
-    out = exp.analyze(state.params, t, tmp_path / "run", run.loss)
+    state, _ = train(t, params, run.method.settings.loss, optim, jax.random.PRNGKey(1), batch_fn=exp.batch_fn)
+    out = exp.analyze(state.params, t, tmp_path / "run", run.method.settings.loss)
     json.dumps(out)
     for k in [
         "ci_l0/layers.0.mlp_in", "ci_l0/layers.0.mlp_out", "n_ci_active/layers.0.mlp_out", "n_alive/layers.0.mlp_in",
@@ -264,7 +264,7 @@ def test_build_smoke(tmp_path, monkeypatch):
     g = state.params.ci["layers.0.mlp_in"]
     off = CIParams(g.weights, g.biases[:-1] + (g.biases[-1] - 100.0,), g.kind)
     dead = SPDParams(state.params.components, {**state.params.ci, "layers.0.mlp_in": off})
-    out2 = exp.analyze(dead, t, None, run.loss)
+    out2 = exp.analyze(dead, t, None, run.method.settings.loss)
     assert (out2["n_alive/layers.0.mlp_in"], out2["n_alive_norm/layers.0.mlp_in"]) == (0, 100)
     assert out2["n_alive"] == out2["n_alive/layers.0.mlp_out"] == out["n_alive/layers.0.mlp_out"]
     assert out2["n_alive_norm"] == out["n_alive_norm"] == 200

@@ -5,10 +5,10 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import run_config as run
 from safetensors.numpy import load_file
 
 from spdjax.config import load_config_file
-from helpers import run_config as run
 from spdjax.runner import ConfigMismatchError
 from spdjax.train import Cadence, Hooks, NonFiniteError, run_steps
 

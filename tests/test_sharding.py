@@ -222,9 +222,8 @@ def test_mesh_device_count_errors(target):
 def test_run_resumes_onto_another_mesh(tmp_path):
     """spdjax.run: stopped at step 5 on data 4 x model 2, resumed on data 8 (a mesh change is not a
     config change), ends where an uninterrupted one-device run ends."""
-    from safetensors.numpy import load_file
-
     from helpers import run_config as run
+    from safetensors.numpy import load_file
 
     def cfg(**mesh):
         c = _cfg(**mesh)

@@ -140,15 +140,15 @@ def test_configs_parse(name, nf, nh, C, identity, coeff, p):
     assert [(s.pattern, s.C) for s in run.sites] == [("linear1", C), ("linear2", C)]
     assert run.tied == (("linear2", "linear1"),)
     assert [(s.pattern, s.C) for s in run.identity] == ([("linear2", C)] if identity else [])
-    assert run.loss.coeff_dict == {
+    assert run.method.settings.loss.coeff_dict == {
         "stochastic_recon": 1.0, "stochastic_recon_layerwise": 1.0, "importance_minimality": coeff
     }
-    assert run.loss.pnorm == p and run.loss.use_delta_component and run.loss.n_mask_samples == 1
+    assert run.method.settings.loss.pnorm == p and run.method.settings.loss.use_delta_component and run.method.settings.loss.n_mask_samples == 1
     assert (run.optim.steps, run.optim.lr, run.optim.schedule, run.optim.final_lr_frac) == (
         10_000, 1e-3, "cosine", 0.0
     )
     assert run.optim.faithfulness_warmup_steps == 200
-    assert (run.ci_type, run.ci_hidden, run.batch_size) == ("mlp", (16,), 4096)
+    assert (run.method.settings.ci_type, run.method.settings.ci_hidden, run.batch_size) == ("mlp", (16,), 4096)
     smoke = parse(load_config(name, "smoke"))
     assert smoke.optim.steps <= 50 and smoke.batch_size <= 256
     assert not smoke.target.require_all_features and smoke.target.steps <= 300
@@ -190,10 +190,10 @@ def test_build_smoke(tmp_path, monkeypatch):
     # a couple of SPD steps, then the analysis
     from spdjax.train import train
 
-    params = spdjax.init_decomposition(jax.random.PRNGKey(0), t, run.ci_type, run.ci_hidden)
+    params = spdjax.init_decomposition(jax.random.PRNGKey(0), t, run.method.settings.ci_type, run.method.settings.ci_hidden)
     optim = run.optim.__class__(**{**run.optim.__dict__, "steps": 2, "faithfulness_warmup_steps": 2})
-    state, hist = train(t, params, run.loss, optim, jax.random.PRNGKey(1), batch_fn=exp.batch_fn)
-    out = exp.analyze(state.params, t, tmp_path / "run", run.loss)
+    state, hist = train(t, params, run.method.settings.loss, optim, jax.random.PRNGKey(1), batch_fn=exp.batch_fn)
+    out = exp.analyze(state.params, t, tmp_path / "run", run.method.settings.loss)
     json.dumps(out)  # flat and JSON-able
     for k in [
         "mmcs", "ml2r", "n_alive/linear1", "n_alive/linear2", "n_alive/linear2.pre_identity", "n_alive",
@@ -294,14 +294,14 @@ def test_paper_recipe_variant(name):
     """`:paper`: the paper's Table 1 recipe (faithfulness 1, no delta, no warm-up, 40k steps); the rest
     of the config equals the default recipe's; unknown arguments are refused."""
     main, paper = parse(load_config(name)), parse(load_config(name, "paper"))
-    assert paper.loss.coeff_dict == {"faithfulness": 1.0, **main.loss.coeff_dict}
-    assert not paper.loss.use_delta_component and main.loss.use_delta_component
+    assert paper.method.settings.loss.coeff_dict == {"faithfulness": 1.0, **main.method.settings.loss.coeff_dict}
+    assert not paper.method.settings.loss.use_delta_component and main.method.settings.loss.use_delta_component
     assert (paper.optim.steps, paper.optim.faithfulness_warmup_steps) == (40_000, 0)
-    same = lambda r: (r.sites, r.identity, r.tied, r.target, r.batch_size, r.loss.pnorm, r.optim.lr, r.optim.schedule)  # noqa: E731
+    same = lambda r: (r.sites, r.identity, r.tied, r.target, r.batch_size, r.method.settings.loss.pnorm, r.optim.lr, r.optim.schedule)  # noqa: E731
     assert same(paper) == same(main)
     smoke = parse(load_config(name, "paper,smoke"))
     assert smoke.optim.steps <= 50 and smoke.optim.faithfulness_warmup_steps == 0
-    assert not smoke.loss.use_delta_component
+    assert not smoke.method.settings.loss.use_delta_component
     with pytest.raises(ValueError, match="unknown argument 'papr'"):
         load_config(name, "papr")
 
@@ -310,15 +310,15 @@ def test_reference_recipe_variant():
     """`:reference` (40-10 +ID only): the later PyTorch-reference recipe; other TMS configs refuse it,
     and two recipes at once are refused."""
     main, ref = parse(load_config("tms_40-10_id")), parse(load_config("tms_40-10_id", "reference"))
-    assert ref.loss.coeff_dict == {"pgd_recon_subset": 1.0, "importance_minimality": 3e-5}
-    assert (ref.ci_type, ref.ci_hidden) == ("shared_mlp", (200,))
-    assert (ref.loss.pgd_init, ref.loss.pgd_n_steps, ref.loss.pgd_step_size) == ("random", 2, 0.5)
-    assert ref.loss.pgd_mask_scope == "per_example" and ref.loss.use_delta_component
+    assert ref.method.settings.loss.coeff_dict == {"pgd_recon_subset": 1.0, "importance_minimality": 3e-5}
+    assert (ref.method.settings.ci_type, ref.method.settings.ci_hidden) == ("shared_mlp", (200,))
+    assert (ref.method.settings.loss.pgd_init, ref.method.settings.loss.pgd_n_steps, ref.method.settings.loss.pgd_step_size) == ("random", 2, 0.5)
+    assert ref.method.settings.loss.pgd_mask_scope == "per_example" and ref.method.settings.loss.use_delta_component
     assert ref.optim.steps == 20_000 and ref.optim.faithfulness_warmup_steps == 200
-    same = lambda r: (r.sites, r.identity, r.tied, r.target, r.batch_size, r.loss.pnorm, r.optim.lr, r.optim.schedule)  # noqa: E731
+    same = lambda r: (r.sites, r.identity, r.tied, r.target, r.batch_size, r.method.settings.loss.pnorm, r.optim.lr, r.optim.schedule)  # noqa: E731
     assert same(ref) == same(main)
     assert parse(load_config("tms_40-10_id", "reference,smoke")).optim.steps <= 50
-    with pytest.raises(ValueError, match="40-10 \\+ID only"):
+    with pytest.raises(ValueError, match=r"configs/tms_40-10.py: unknown argument 'reference'; allowed: paper, smoke"):
         load_config("tms_40-10", "reference")
     with pytest.raises(ValueError, match="at most one recipe"):
         load_config("tms_40-10_id", "paper,reference")

@@ -10,10 +10,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import ml_collections
 
 import spdjax
-from spdjax.experiment import Experiment
 from experiments.resid_mlp.analysis import make_analyze
 from experiments.resid_mlp.model import (
     ResidMLP,
@@ -28,6 +26,7 @@ from experiments.resid_mlp.train_target import (
     sample_features,
     train_resid_mlp,
 )
+from spdjax.experiment import Experiment
 
 __all__ = [
     "ResidMLP",

@@ -11,7 +11,6 @@ import functools
 from pathlib import Path
 
 import spdjax
-from spdjax.experiment import Experiment
 from experiments.tms.analysis import make_analyze
 from experiments.tms.model import TMS, represented_features, tms_forward, tms_from_weights
 from experiments.tms.train_target import (
@@ -21,6 +20,7 @@ from experiments.tms.train_target import (
     train_represented,
     train_tms,
 )
+from spdjax.experiment import Experiment
 
 __all__ = [
     "TMS",
