@@ -1,7 +1,13 @@
-"""Test settings: small compiles matter more than fast kernels here."""
+"""Test settings: small compiles matter more than fast kernels here.
+
+The tests mirror the package layout (tests/spdjax/..., tests/experiments/...); the shared helpers
+(`helpers`, the float64 NumPy references `numpy_ref`, `numpy_ref_apd`) live next to this file.
+"""
 
 import os
+import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-
 import spdjax
 from experiments.resid_mlp.analysis import make_analyze
 from experiments.resid_mlp.model import (

@@ -25,7 +25,7 @@ from spdjax.config import load_config_file
 from spdjax.optim import OptimConfig, make_schedule
 from spdjax.targets.pure import linear
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 D0, D1, D2, C, M, NB = 3, 4, 2, 3, 2, 5
 TOL = dict(rtol=1e-10, atol=1e-12)
 

@@ -167,7 +167,7 @@ def test_sigkill_keeps_written_steps(tmp_path):
             mw.write(s, {{"loss/total": float(s)}})
         os.kill(os.getpid(), signal.SIGKILL)
     """)
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=repo, capture_output=True, timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()

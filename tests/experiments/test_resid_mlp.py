@@ -18,7 +18,7 @@ from spdjax.components import Components
 from spdjax.config import load_config_file, parse
 from spdjax.decomposition import SPDParams
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(n_features=6, d_mlp=4, n_layers=2, d_embed=16, steps=60, batch_size=64, feature_prob=0.1)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Runs configs/sparse_linear.py:smoke (12 steps, checkpoints every 4) with the family's host data wrapped
 # so that every batch read is logged (its sum) and the process SIGKILLs itself when it asks for batch

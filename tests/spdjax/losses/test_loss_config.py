@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import numpy_ref as ref  # tests/ is on sys.path
 import pytest
-from test_reference_losses import _build, _np_ci
+from test_terms import _build, _np_ci
 
 from spdjax import losses
 from spdjax import masks as masks_lib
@@ -32,7 +32,7 @@ from spdjax.losses import (
     register_term,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 ALL = ("faithfulness", "stochastic_recon", "stochastic_recon_layerwise", "stochastic_recon_subset",
        "importance_minimality", "ci_masked_recon", "ci_masked_recon_layerwise", "ci_masked_recon_subset",
        "unmasked_recon", "pgd_recon", "pgd_recon_layerwise", "pgd_recon_subset", "stochastic_hidden_acts_recon")

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
-from test_reference_losses import B, T, _build, _np_comps, _random_masks
+from test_terms import B, T, _build, _np_comps, _random_masks
 
 from spdjax import losses
 from spdjax import masks as masks_lib
@@ -276,7 +276,7 @@ def test_loss_config_rejects_bad_subset_pgd_fields(field, value):
 
 
 def test_one_hot_recon_error_against_reference():
-    from test_reference_losses import _np_ci
+    from test_terms import _np_ci
 
     from spdjax import metrics
 

@@ -12,7 +12,7 @@ from spdjax.config import load_config_file
 from spdjax.runner import ConfigMismatchError
 from spdjax.train import Cadence, Hooks, NonFiniteError, run_steps
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def smoke_config(**overrides):

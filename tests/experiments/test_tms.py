@@ -17,7 +17,7 @@ from spdjax.components import Components
 from spdjax.config import load_config_file, parse
 from spdjax.decomposition import SPDParams
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def pentagon(n=5, radius=1.0):

@@ -25,7 +25,7 @@ from spdjax.optim import OptimConfig
 from spdjax.spd import spd_optimizer
 from spdjax.train import init_train_state, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 D, C, B = 6, 8, 32  # C divisible by the model axis (2), B by the data axis (8)
 MESHES = {"data8": (8, 1), "data4_model2": (4, 2)}

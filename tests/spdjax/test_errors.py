@@ -14,7 +14,7 @@ import spdjax
 from spdjax.experiment import Experiment
 from spdjax.runner import check_batch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CASES = [
     ("--config.foo=1", "unknown config field 'foo'"),
