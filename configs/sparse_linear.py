@@ -15,7 +15,7 @@ def get_config(arg=None):
     cfg.method = "spd"
     cfg.seed = 0
     cfg.target = dict(n_features=8, d_out=8, n_examples=8192, feature_prob=0.1, seed=0)
-    cfg.sites = (("*", 16),)
+    cfg.sites = (("map", 16),)
     cfg.ci = dict(type="mlp", hidden=(8,))
     cfg.loss = dict(
         terms=dict(

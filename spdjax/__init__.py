@@ -11,10 +11,10 @@ from spdjax.export import load
 from spdjax.losses import LossConfig, loss_fn
 from spdjax.sites import SitePattern, SiteSpec
 from spdjax.targets import Target, from_apply, from_nnx
-
-__version__ = "0.1.0"
+from spdjax.version import __version__
 
 __all__ = [
+    "__version__",
     "CIParams",
     "Components",
     "LossConfig",

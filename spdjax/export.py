@@ -25,6 +25,7 @@ from spdjax.ci import CIParams
 from spdjax.components import Components
 from spdjax.decomposition import SPDParams
 from spdjax.sites import SiteSpec
+from spdjax.version import __version__
 
 FORMAT = "spdjax-decomposition"
 FORMAT_VERSION = 1
@@ -82,8 +83,6 @@ def save(
     extra: dict | None = None,
 ) -> Path:
     """Write the decomposition into directory `path` (files replaced atomically; modes follow the umask)."""
-    from spdjax import __version__
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {

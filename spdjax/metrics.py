@@ -23,6 +23,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from spdjax.components import Components
+from spdjax.losses.forward import clean_forward, compute_ci, masked_forward
+from spdjax.masks import deterministic_masks
 
 CI_PATTERNS = ("identity", "dense")
 CI_ALIVE_THRESHOLD = 0.1  # toy_models.md: alive = CI above 0.1 on at least one held-out input
@@ -233,8 +235,6 @@ def identity_ci_error(ci_one_hot, kind: str, k: int | None = None, tol: float = 
 
 
 def _ci_fn(params, target, batch, sigmoid: str):
-    from spdjax.losses import clean_forward, compute_ci
-
     _, inputs = clean_forward(target, batch)
     return compute_ci(params, target, inputs, sigmoid).lower
 
@@ -259,8 +259,6 @@ def one_hot_ci(
 
 
 def _ci_masked_error_fn(params, target, batch, sigmoid: str):
-    from spdjax.losses import clean_forward, compute_ci, masked_forward
-    from spdjax.masks import deterministic_masks
 
     out, inputs = clean_forward(target, batch)
     ci = compute_ci(params, target, inputs, sigmoid).lower

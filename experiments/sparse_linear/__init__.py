@@ -1,6 +1,6 @@
 """A tiny experiment family read from a host-side dataset: a linear map applied to sparse inputs.
 
-The target is one `nnx.Linear(n_features, d_out)` whose kernel rows are random directions; each input
+The target is one `nnx.Linear(n_features, d_out)` (`map`) whose kernel rows are random directions; each input
 switches on a few of the `n_features` coordinates, so each row is one mechanism and SPD should give each
 its own subcomponent. The data are a fixed set of `n_examples` inputs held in memory and read through
 Grain (shuffled, repeated, batched): a host-side, checkpointable iterator, whose position the runner
@@ -22,6 +22,16 @@ from spdjax.data import GrainData
 from spdjax.experiment import Experiment
 
 
+class SparseLinear(nnx.Module):
+    """The target: `x @ kernel` (one site, `map`)."""
+
+    def __init__(self, n_features: int, d_out: int, *, rngs: nnx.Rngs):
+        self.map = nnx.Linear(n_features, d_out, use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        return self.map(x)
+
+
 def sparse_inputs(seed: int, n: int, n_features: int, feature_prob: float) -> np.ndarray:
     """`(n, n_features)` float32: each coordinate on with probability `feature_prob`, value U(0, 1)."""
     rng = np.random.default_rng(seed)
@@ -31,7 +41,7 @@ def sparse_inputs(seed: int, n: int, n_features: int, feature_prob: float) -> np
 
 def build(run, cache_dir: Path) -> Experiment:
     t = run.target
-    model = nnx.Linear(t.n_features, t.d_out, use_bias=False, rngs=nnx.Rngs(t.seed))
+    model = SparseLinear(t.n_features, t.d_out, rngs=nnx.Rngs(t.seed))
     target = spdjax.from_nnx(model, sites=run.sites, tied=dict(run.tied), identity=run.identity or ())
     n_proc, rank = jax.process_count(), jax.process_index()
     if run.batch_size % n_proc:
@@ -43,7 +53,7 @@ def build(run, cache_dir: Path) -> Experiment:
         .batch(run.batch_size // n_proc, drop_remainder=True)
     )
     held = sparse_inputs(t.seed + 1, run.eval_batch_size, t.n_features, t.feature_prob)
-    kernel = np.asarray(model.kernel[...])
+    kernel = np.asarray(model.map.kernel[...])
 
     def analyze(params, target, workdir, loss):
         mmcs, ml2r = metrics.mmcs_ml2r(kernel, params.components[target.primary_sites[0].name])

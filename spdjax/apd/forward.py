@@ -13,6 +13,7 @@ import jax
 from jaxtyping import Array
 
 from spdjax.apd.components import APDParams, masked_site_output, site_components
+from spdjax.losses.forward import clean_forward as spd_clean_forward
 from spdjax.targets.base import Target
 
 
@@ -34,7 +35,5 @@ def masked_forward(
 
 def clean_forward(target: Target, batch: Any) -> tuple[Array, dict[str, Array]]:
     """Target output and every site's input in the target's own forward pass (gradients stopped)."""
-    from spdjax.losses import clean_forward as spd_clean_forward
-
     out, inputs = spd_clean_forward(target, batch)
     return jax.lax.stop_gradient(out), inputs

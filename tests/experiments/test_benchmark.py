@@ -18,5 +18,5 @@ def test_bench_one(tmp_path, config):
 
 def test_bench_apd_on_a_mesh(tmp_path):
     """One benchmark path for every method: APD steps shard over the data axis like SPD's."""
-    r = bench_one("configs/apd_tms_5-2.py:smoke", steps=1, warmup=0, cache_dir=str(tmp_path), n_devices=len(jax.devices()))
+    r = bench_one("configs/apd_tms_5-2.py:smoke", steps=1, warmup=1, cache_dir=str(tmp_path), n_devices=len(jax.devices()))
     assert r["method"] == "apd" and r["mesh"] == f"data={len(jax.devices())} x model=1"
