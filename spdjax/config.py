@@ -133,7 +133,8 @@ def parse_arg(arg: str | None, config: str, flags: tuple[str, ...] = (), **choic
         if group is None:
             raise ValueError(f"configs/{config}.py: unknown argument {p!r}; allowed: {', '.join(words)}")
         if group in seen:
-            raise ValueError(f"configs/{config}.py: at most one {group}, got {arg!r}")
+            allowed = ", ".join(v for v in choices[group] if v is not None)
+            raise ValueError(f"configs/{config}.py: at most one value of {group!r} ({allowed}), got {arg!r}")
         seen.add(group)
         out[group] = p
     return SimpleNamespace(**out)

@@ -320,5 +320,5 @@ def test_reference_recipe_variant():
     assert parse(load_config("tms_40-10_id", "reference,smoke")).optim.steps <= 50
     with pytest.raises(ValueError, match=r"configs/tms_40-10.py: unknown argument 'reference'; allowed: paper, smoke"):
         load_config("tms_40-10", "reference")
-    with pytest.raises(ValueError, match="at most one recipe"):
+    with pytest.raises(ValueError, match="at most one value of 'recipe'"):
         load_config("tms_40-10_id", "paper,reference")
