@@ -1,6 +1,7 @@
 """A linear map applied to sparse inputs read from a host-side Grain dataset (experiments/sparse_linear):
-SPD with C = 16 on a 8 -> 8 map, stochastic + layerwise reconstruction, minimality 1e-3 (p = 1),
-Adam 3e-3 cosine, 2000 steps, batch 256. `:smoke`: seconds on CPU.
+SPD with C = 16 on a 8 -> 8 map, stochastic + layerwise reconstruction, minimality 3e-3 (p = 1),
+Adam 3e-3 cosine, 4000 steps, batch 256: MMCS 0.9999 with 8 alive subcomponents, one per kernel row,
+in 40 s on a 2-core CPU (docs/results.md). `:smoke`: seconds on CPU.
 """
 
 import ml_collections
@@ -21,11 +22,11 @@ def get_config(arg=None):
         terms=dict(
             stochastic_recon=dict(coeff=1.0),
             stochastic_recon_layerwise=dict(coeff=1.0),
-            importance_minimality=dict(coeff=1e-3, pnorm=1.0),
+            importance_minimality=dict(coeff=3e-3, pnorm=1.0),
         ),
         use_delta_component=True,
     )
-    cfg.optim = dict(steps=2000, lr=3e-3, schedule="cosine", faithfulness_warmup_steps=100)
+    cfg.optim = dict(steps=4000, lr=3e-3, schedule="cosine", faithfulness_warmup_steps=100)
     cfg.batch_size = cfg.eval_batch_size = 256
     cfg.log_every, cfg.checkpoint_every, cfg.eval_every = 100, 500, 500
     if a.smoke:

@@ -17,7 +17,7 @@ import ml_collections
 import optax
 from jaxtyping import Array
 
-from spdjax import export, sharding
+from spdjax import export, metrics, sharding
 from spdjax.ci import CI_KINDS
 from spdjax.components import faithfulness_loss
 from spdjax.decomposition import SPDParams, init_decomposition
@@ -134,9 +134,13 @@ class SPD(Method):
         return metrics
 
     def analyze(self, params, exp: Experiment, batch, workdir: Path | None) -> dict:
-        if exp.analyze is None:
-            return {}
-        return dict(exp.analyze(params, exp.target, workdir, self.settings.loss))
+        """Alive counts (`spdjax.metrics.alive_counts`) on the held-out `batch`, then the family's
+        ground-truth analysis (which may recompute them on its own held-out inputs)."""
+        ci = metrics.batch_ci(params, exp.target, batch, self.settings.loss.sigmoid)
+        out = metrics.alive_counts(params.components, exp.target.sites, ci)
+        if exp.analyze is not None:
+            out.update(exp.analyze(params, exp.target, workdir, self.settings.loss))
+        return out
 
     def export(self, path: Path, params, target: Target, extra: dict) -> None:
         export.save(path, params, target.sites, self.settings.ci_type, self.settings.ci_hidden, extra=extra)
