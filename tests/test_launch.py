@@ -75,3 +75,17 @@ def test_smoke_launch_resid_mlp(tmp_path, config, arg, n_layers):
         assert "loss/stochastic_recon_layerwise" not in metrics
     assert "eval/loss/pgd_recon_layerwise" in (run / "eval.jsonl").read_text()
     assert list(run.glob("*.png"))
+
+
+def test_analyze_mode_regenerates_the_summary(tmp_path):
+    """launch.py --mode=analyze rebuilds summary.json from the exported decomposition (host-data family)."""
+    cmd = [sys.executable, str(ROOT / "launch.py"), f"--config={ROOT / 'configs' / 'sparse_linear.py'}:smoke",
+           f"--workdir={tmp_path / 'run'}", f"--cache_dir={tmp_path / 'cache'}", "--quiet"]
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT).returncode == 0
+    first = json.loads((tmp_path / "run" / "summary.json").read_text())
+    (tmp_path / "run" / "summary.json").unlink()
+    proc = subprocess.run(cmd + ["--mode=analyze"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for k in ("mmcs", "ml2r", "n_alive", "n_alive/map", "n_alive_norm", "steps"):
+        assert second[k] == first[k], k
