@@ -97,7 +97,9 @@ def parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        # a config file that raised: its first line and the exception's last line, not the traceback
+        print(f"error: {lines[0]} {lines[-1]}" if len(lines) > 1 else f"error: {e}", file=sys.stderr)
     except (AttributeError, KeyError) as e:  # ml_collections: an override names a missing field
         name = str(e).strip("\"'")
         print(f"error: unknown config field {name!r} in a --config.* override", file=sys.stderr)

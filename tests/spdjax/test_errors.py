@@ -30,11 +30,22 @@ CASES = [
 ]
 
 
+CASES += [
+    ("--config.method=apd", "config: unknown field(s) ['ci', 'loss'] for method 'apd' (['ci', 'loss'] belong to another method)"),
+    ("--config.experiment=nope", "config.experiment: unknown family 'nope'; allowed: ['resid_mlp', 'sparse_linear', 'tms']"),
+    ("--config.precision.compute_dtype=int8", "config.precision.compute_dtype: unknown 'int8'"),
+    ("--config.mesh.data=-2", "config.mesh.data must be 0 (auto), -1 (all remaining devices) or an int >= 1, got -2"),
+    ("--config.loss.terms.stochastic_recon.n_steps=2", "unknown config field 'n_steps'"),
+    (":paper,papr", "ValueError: configs/tms_5-2.py: unknown argument 'papr'; allowed: paper, smoke"),
+]
+
+
 @pytest.mark.parametrize("override,message", CASES, ids=[c[0] for c in CASES])
 def test_launch_one_line_errors(tmp_path, override, message):
+    arg, extra = (override[1:], []) if override.startswith(":") else ("smoke", [override])
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), f"--config={ROOT / 'configs' / 'tms_5-2.py'}:smoke",
-         f"--workdir={tmp_path / 'wd'}", f"--cache_dir={tmp_path / 'cache'}", "--quiet", override],
+        [sys.executable, str(ROOT / "launch.py"), f"--config={ROOT / 'configs' / 'tms_5-2.py'}:{arg}",
+         f"--workdir={tmp_path / 'wd'}", f"--cache_dir={tmp_path / 'cache'}", "--quiet", *extra],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert proc.returncode == 1
