@@ -168,13 +168,20 @@ def alive_counts(
 
     `n_alive/<site>` for every site in `sites` (tied and identity sites included; a tied site's CI
     function is its own): subcomponents with CI > `ci_threshold` on at least one input of `ci[site]`
-    `(*lead, C)` (the held-out batch); `n_alive` their sum (so a tied pair counts its shared
-    subcomponents once per site). `n_alive_norm/<site>` for every primary site: the norm count
+    `(*lead, C)` (the held-out batch). `n_alive`: the distinct alive subcomponents, each primary site's
+    set of components counted once (alive where it or a site tied to it fires), so the perfect TMS
+    5-2 + ID solution has n_f + n_h = 7. `n_alive_norm/<site>` for every primary site: the norm count
     `n_alive(components[site], norm_threshold)`; `n_alive_norm` their sum.
     """
-    out = {f"n_alive/{s.name}": n_ci_active(ci[s.name], ci_threshold) for s in sites}
-    out["n_alive"] = sum(out[f"n_alive/{s.name}"] for s in sites)
+    alive = {s.name: np.any(np.asarray(ci[s.name]).reshape(-1, np.shape(ci[s.name])[-1]) > ci_threshold, axis=0)
+             for s in sites}
+    out = {f"n_alive/{n}": int(a.sum()) for n, a in alive.items()}
     primary = [s.name for s in sites if s.tied_to is None]
+    union = {n: alive[n].copy() for n in primary}
+    for s in sites:
+        if s.tied_to is not None:
+            union[s.tied_to] |= alive[s.name]
+    out["n_alive"] = int(sum(u.sum() for u in union.values()))
     norm = {f"n_alive_norm/{n}": n_alive(components[n], norm_threshold) for n in primary}
     out.update(norm)
     out["n_alive_norm"] = sum(norm.values())

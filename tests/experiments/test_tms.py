@@ -265,7 +265,7 @@ def test_analyze_perfect_solution(tmp_path):
     assert out["ml2r"] == pytest.approx(1.0, abs=1e-6)
     # alive by CI (> 0.1 on some held-out input): every site, the tied linear2 with its own CI function
     assert (out["n_alive/linear1"], out["n_alive/linear2"], out["n_alive/linear2.pre_identity"]) == (5, 5, 2)
-    assert out["n_alive"] == 12
+    assert out["n_alive"] == 7  # n_f + n_h distinct subcomponents: the tied pair's shared ones counted once
     assert (out["n_alive_norm/linear1"], out["n_alive_norm/linear2.pre_identity"]) == (5, 2)
     assert out["n_alive_norm"] == 7
     assert (out["n_alive_gap/linear1"], out["n_alive_gap/linear2.pre_identity"]) == (5, 2)
@@ -283,7 +283,7 @@ def test_analyze_perfect_solution(tmp_path):
     # dead subcomponents keeping a small norm (liveness 0.1 on linear1, 0.028 on the identity: > 0.017)
     # but never firing: alive by norm, not by CI
     out = analyze(_perfect_params(W, residue=0.01), target, None, spdjax.LossConfig())
-    assert (out["n_alive/linear1"], out["n_alive/linear2.pre_identity"], out["n_alive"]) == (5, 2, 12)
+    assert (out["n_alive/linear1"], out["n_alive/linear2.pre_identity"], out["n_alive"]) == (5, 2, 7)
     assert (out["n_alive_norm/linear1"], out["n_alive_norm/linear2.pre_identity"]) == (6, 20)
     assert out["n_alive_norm"] == 26
     assert out["mmcs"] == pytest.approx(1.0, abs=1e-6) and out["identity_ci_error"] == 0

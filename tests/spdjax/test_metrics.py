@@ -168,10 +168,11 @@ def test_alive_counts_by_ci_not_norm():
     ci_a = np.zeros((50, 4))
     ci_a[::7, 0], ci_a[:, 2], ci_a[13, 3] = 0.9, 0.1, 0.2
     ci_b = np.zeros((5, 10, 4))  # (batch, positions, C): any input counts
-    ci_b[3, 7, 1] = 0.5
+    ci_b[3, 7, 1], ci_b[0, 0, 0] = 0.5, 0.7  # the tied site fires 1 and the shared 0
     comps = {"a": Components(V=V, U=U)}
     out = metrics.alive_counts(comps, sites, {"a": ci_a, "b": ci_b})
-    assert out == {"n_alive/a": 2, "n_alive/b": 1, "n_alive": 3, "n_alive_norm/a": 3, "n_alive_norm": 3}
+    # n_alive counts distinct subcomponents of the shared set: {0, 3} | {0, 1} = 3 (not 2 + 2)
+    assert out == {"n_alive/a": 2, "n_alive/b": 2, "n_alive": 3, "n_alive_norm/a": 3, "n_alive_norm": 3}
     assert metrics.n_ci_active(ci_a) == 2 and metrics.n_alive(comps["a"]) == 3
     low = metrics.alive_counts(comps, sites, {"a": ci_a, "b": ci_b}, ci_threshold=0.05, norm_threshold=0.1)
     assert (low["n_alive/a"], low["n_alive_norm/a"]) == (3, 2)
