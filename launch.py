@@ -20,8 +20,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import experiments
-from spdjax.runner import ConfigMismatchError, RunOptions, analyze, format_summary, run
+from spdjax.checkpoint import CheckpointError
+from spdjax.runner import PREEMPTED_EXIT_CODE, ConfigMismatchError, Preempted, RunOptions, analyze, format_summary, run
 from spdjax.train import NonFiniteError
+from spdjax.workdir import WorkdirError
 
 CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")  # > 1: started as several processes
 
@@ -84,7 +86,14 @@ def main(argv):
                 quiet=_QUIET.value, fresh=_FRESH.value, allow_config_change=_ALLOW.value, wandb_project=_WANDB.value
             )
             summary = run(_CONFIG.value, workdir, build, options)
-    except (ConfigMismatchError, NonFiniteError, ValueError, FileNotFoundError, ImportError) as e:
+    except Preempted as e:  # SIGTERM / SIGINT: checkpoint written; a scheduler may requeue on this code
+        print(str(e), file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last periodic checkpoint stands
+        print("interrupted: stopped at once; the newest checkpoint in the workdir stands", file=sys.stderr)
+        sys.exit(130)
+    except (ConfigMismatchError, NonFiniteError, CheckpointError, WorkdirError, ValueError, FileNotFoundError,
+            ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if lead and summary is not None:  # other processes: outputs come from process 0

@@ -10,6 +10,13 @@ host-side data iterator at the position it had) and ends bit-for-bit where an un
 have ended (same machine). A workdir whose saved config differs is refused, listing the differing
 fields, unless `fresh` (start over) or `allow_config_change` is given.
 
+Surviving the cluster: process 0 holds the workdir's lock for the whole run (`spdjax.workdir`: a second
+launch is refused naming the holder); SIGTERM and SIGINT finish the current step, write a checkpoint,
+flush the metrics and raise `Preempted` (launch.py exits with `PREEMPTED_EXIT_CODE`, 75, so a
+scheduler can requeue); `config.json` is written atomically once the run holds its state; damaged
+checkpoints are moved aside and the previous one used, but a workdir whose checkpoints are all damaged
+is refused rather than restarted over its outputs (`--fresh` starts over).
+
 The runner knows methods only through `spdjax.method.Method` and experiments only through the
 `build(run_config) -> Experiment` callable the entry point passes in.
 """
@@ -20,27 +27,47 @@ import dataclasses
 import importlib.util
 import json
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from spdjax import sharding
-from spdjax.checkpoint import Checkpointer
+from spdjax.checkpoint import Checkpointer, CheckpointError
 from spdjax.config import RunConfig, parse
 from spdjax.data import iterate
 from spdjax.experiment import Build, Experiment
-from spdjax.metrics_writer import MetricsWriter
+from spdjax.metrics_writer import MetricsWriter, read_metrics
 from spdjax.optim import make_optimizer, make_schedule
-from spdjax.train import Cadence, Hooks, LogRecord, TrainState, init_train_state, make_train_step, run_steps
+from spdjax.train import (
+    Cadence,
+    Hooks,
+    Interrupted,
+    LogRecord,
+    TrainState,
+    init_train_state,
+    make_train_step,
+    run_steps,
+)
+from spdjax.workdir import CONFIG_FILE, WorkdirLock, atomic_write_text, ensure_dir, read_json
 
 DATA_STATE = "data_iterator"  # key of the host-side iterator's state in a checkpoint's extras
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGINT after a checkpoint; run again to resume
+OUTPUTS = ("checkpoints", "checkpoints_unreadable", "tensorboard", "decomposition", "figures")
+OUTPUT_FILES = ("metrics.jsonl", "eval.jsonl", "summary.json", "wandb_run_id.txt")
 
 
 class ConfigMismatchError(ValueError):
     """The workdir holds a run with a different config."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM / SIGINT stopped the run after a checkpoint; the same command resumes it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,24 +111,27 @@ def _config_json(cfg: ml_collections.ConfigDict) -> dict:
 
 
 def prepare_workdir(cfg, workdir: Path, fresh: bool, allow_config_change: bool) -> None:
-    """Check the workdir against `cfg` (see the module docstring) and write config.json."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    new = _config_json(cfg)
-    saved = workdir / "config.json"
+    """Check the workdir against `cfg` (see the module docstring); with `fresh`, remove the earlier
+    run's outputs. `config.json` is written later, once the run holds its state (`write_config`)."""
+    ensure_dir(workdir)
+    saved = workdir / CONFIG_FILE
     if fresh:
-        for name in ("checkpoints", "tensorboard", "decomposition"):
+        for name in OUTPUTS:
             shutil.rmtree(workdir / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "eval.jsonl", "summary.json"):
+        for name in OUTPUT_FILES + (CONFIG_FILE,):
             (workdir / name).unlink(missing_ok=True)
     elif saved.exists() and (workdir / "checkpoints").exists():
-        diff = config_diff(json.loads(saved.read_text()), new)
+        diff = config_diff(read_json(saved, "the saved config of the run in this workdir"), _config_json(cfg))
         diff = [d for d in diff if not d.startswith("mesh.")]  # resuming on another mesh is fine
         if diff and not allow_config_change:
             raise ConfigMismatchError(
                 f"workdir {workdir} holds a run with a different config ({'; '.join(diff)}); pass "
                 "--fresh to start over or --allow_config_change to resume with the new config"
             )
-    saved.write_text(json.dumps(new, indent=2))
+
+
+def write_config(cfg, workdir: Path) -> None:
+    atomic_write_text(workdir / CONFIG_FILE, json.dumps(_config_json(cfg), indent=2))
 
 
 class _Stop(Exception):
@@ -200,11 +230,24 @@ class Session(Hooks):
     checkpoints = True
 
     def __init__(self, run: Run, cfg, workdir: Path, options: RunOptions, lead: bool):
-        self.run, self.workdir, self.options, self.lead = run, workdir, options, lead
+        self.run, self.cfg, self.workdir, self.options, self.lead = run, cfg, workdir, options, lead
         rc = run.rc
         self.ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=rc.keep_checkpoints)
         self.data = run.exp.host_data.train_iterator() if run.exp.host_data is not None else None
-        restored = self.ckpt.restore_latest(run.abstract, run.shardings)  # onto this mesh, whatever mesh saved it
+        self.config_written = False
+        self.signal: str | None = None
+        try:
+            restored = self.ckpt.restore_latest(run.abstract, run.shardings)  # onto this mesh, whatever mesh saved it
+        except BaseException:
+            self.ckpt.close()
+            raise
+        quarantined = self.ckpt.quarantine_dir
+        if restored is None and quarantined.is_dir() and any(quarantined.iterdir()):
+            self.ckpt.close()
+            raise CheckpointError(
+                f"workdir {workdir} holds no readable checkpoint, only damaged ones in {quarantined}; pass "
+                "--fresh to start over (or move them back)"
+            )
         self.prior_wall = 0.0
         if restored is not None:
             self.state, extra = restored
@@ -215,6 +258,7 @@ class Session(Hooks):
                 self.data.set_state(extra[DATA_STATE])
             if not options.quiet and lead:
                 print(f"resuming from the checkpoint at step {int(self.state.step)}", flush=True)
+            self._write_config()
         else:
             self.state = run.init_state()
         resume_step = int(self.state.step) if restored is not None else None
@@ -233,13 +277,34 @@ class Session(Hooks):
     def on_log(self, record: LogRecord) -> None:
         self.writer.write(record.step, record.metrics, wall_time_s=self.prior_wall + record.wall_time_s)
 
+    def _write_config(self) -> None:
+        if self.lead and not self.config_written:
+            write_config(self.cfg, self.workdir)
+        self.config_written = True
+
     def on_checkpoint(self, state: TrainState) -> None:
         extra: dict[str, Any] = {"wall_time_s": self.wall()}
         if self.data is not None:
             extra[DATA_STATE] = self.data.get_state()
         self.ckpt.save(state, extra)
+        self._write_config()
         if self.options.stop_at_step is not None and int(state.step) >= self.options.stop_at_step:
             raise _Stop
+
+    def stop_requested(self) -> bool:
+        flag = self.signal is not None
+        if jax.process_count() > 1:  # every process must stop at the same step (the checkpoint is collective)
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+        return flag
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signal is not None:  # a second one: stop at once
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        if self.lead:
+            print(f"\n{self.signal}: finishing step and writing a checkpoint (again to stop at once)", flush=True)
 
     def on_eval(self, state: TrainState) -> None:
         rc, step = self.run.rc, int(state.step)
@@ -256,6 +321,8 @@ class Session(Hooks):
         if self.data is not None:
             batches = (sharding.global_batch(b, mesh) for b in iterate(self.data))
         cadence = Cadence(rc.optim.steps, rc.log_every, rc.checkpoint_every, rc.eval_every)
+        main = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
         try:
             state = run_steps(
                 self.state, self.run.step_fn, self.run.target, cadence, self, batches,
@@ -263,7 +330,15 @@ class Session(Hooks):
             )
         except _Stop:
             return None
+        except Interrupted as e:
+            self.ckpt.close()  # the checkpoint is complete before we say so
+            raise Preempted(
+                f"stopped by {self.signal} after step {e.step}: checkpoint written to {self.ckpt.directory}; run the "
+                "same command again to resume"
+            ) from None
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.ckpt.close()
             self.writer.close()
             self.eval_writer.close()
@@ -285,6 +360,17 @@ def run(
     sharding.check_batch_size(rc.batch_size, mesh)
     sharding.check_batch_size(rc.eval_batch_size, mesh, "eval_batch_size")
     lead = jax.process_index() == 0  # only process 0 logs and writes outputs (checkpoints: all)
+    lock = WorkdirLock(workdir)
+    if lead:
+        ensure_dir(workdir)
+        lock.acquire()  # held until the run ends: a second launch on this workdir is refused
+    try:
+        return _run_locked(cfg, rc, workdir, build, options, mesh, lead)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg, rc: RunConfig, workdir: Path, build: Build, options: RunOptions, mesh, lead: bool) -> dict | None:
     if lead:
         prepare_workdir(cfg, workdir, options.fresh, options.allow_config_change)
     _sync("spdjax_prepare_workdir")
@@ -331,9 +417,17 @@ def analyze(cfg: ml_collections.ConfigDict, workdir: str | Path, build: Build) -
     """Regenerate the summary and every figure from a finished run's exported decomposition."""
     rc = parse(cfg)
     workdir = Path(workdir)
+    if not (workdir / "decomposition").is_dir():
+        raise FileNotFoundError(f"{workdir / 'decomposition'} does not exist: analyze needs a finished run's workdir")
+    with WorkdirLock(workdir):
+        return _analyze_locked(rc, workdir, build)
+
+
+def _analyze_locked(rc: RunConfig, workdir: Path, build: Build) -> dict:
     exp = build(rc)
     params, extra = rc.method.load(workdir / "decomposition", exp.target)
-    prior = json.loads((workdir / "summary.json").read_text()) if (workdir / "summary.json").exists() else {}
+    summary_file = workdir / "summary.json"
+    prior = read_json(summary_file, "the run's summary") if summary_file.exists() else {}
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
     batch = Run(rc, exp, mesh).held_out(_summary_key(rc), 0)
     step = int(extra.get("step", rc.optim.steps))
@@ -341,10 +435,11 @@ def analyze(cfg: ml_collections.ConfigDict, workdir: str | Path, build: Build) -
 
 
 def _last_metrics(path: Path) -> dict:
+    """The last complete record of a metrics.jsonl ({} if none); garbled lines are skipped with a warning."""
     if not path.exists():
         return {}
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    return json.loads(lines[-1]) if lines else {}
+    records = read_metrics(path)
+    return records[-1] if records else {}
 
 
 def format_summary(summary: dict) -> str:

@@ -141,12 +141,6 @@ def _check_finite_metrics(step: int, metrics: dict[str, float]) -> None:
         raise NonFiniteError(f"step {step}: non-finite value in {', '.join(bad)}")
 
 
-def _check_finite(step: int, metrics: dict[str, float], params) -> None:
-    _check_finite_metrics(step, metrics)
-    if not bool(_params_finite(params)):
-        raise NonFiniteError(f"step {step}: a parameter became non-finite (all loss terms were finite)")
-
-
 @dataclasses.dataclass(frozen=True)
 class Cadence:
     """When the loop logs, checkpoints and evaluates (every N steps, and always at the last step).
@@ -162,6 +156,8 @@ class Hooks:
     """What the loop calls; override what you need (the defaults do nothing).
 
     `checkpoints = False` skips checkpoint steps altogether (and their parameter finiteness check).
+    `stop_requested()` is asked after every step: True makes that step a log and checkpoint step and
+    then ends the loop with `Interrupted` (preemption: SIGTERM / SIGINT).
     """
 
     checkpoints: bool = False
@@ -174,6 +170,17 @@ class Hooks:
 
     def on_eval(self, state: TrainState) -> None:
         pass
+
+    def stop_requested(self) -> bool:
+        return False
+
+
+class Interrupted(Exception):
+    """The loop stopped early at `step` because `Hooks.stop_requested()` said so (after checkpointing)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped after step {step}")
+        self.step = step
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -192,10 +199,12 @@ def run_steps(
 ) -> TrainState:
     """Step `state` from `state.step` to `cadence.total_steps`.
 
-    Metrics reach the host only on log and checkpoint steps, where they (and, before a checkpoint,
-    the parameters) are checked for NaN/Inf: a `NonFiniteError` names the step and the loss terms, and
-    nothing non-finite is ever checkpointed. `batches` (host-side) gives one batch per step; without
-    it the step samples its own.
+    Metrics stay on device between log and checkpoint steps; there every step's metrics since the
+    last fetch reach the host together and are checked for NaN/Inf in order (and, before a checkpoint,
+    the parameters too): a `NonFiniteError` names the first bad step and its terms, and nothing
+    non-finite is ever checkpointed. At a step that is both, the evaluation runs before the
+    checkpoint (a kill during it re-runs it on resume). `batches` (host-side) gives one batch per
+    step; without it the step samples its own.
     """
     hooks = hooks or Hooks()
     total, start = cadence.total_steps, int(state.step)
@@ -205,34 +214,50 @@ def run_steps(
 
         bar = tqdm(total=total, initial=start, dynamic_ncols=True, unit="step")
     t0 = time.perf_counter()
+    pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet checked
     try:
         for i in range(start, total):
             batch = next(batches) if batches is not None else None
             state, metrics = step_fn(state, target, batch)
             step = i + 1
+            pending.append((step, metrics))
+            stop = hooks.stop_requested()
             last = step == total
-            is_log = step % cadence.log_every == 0 or last
-            is_ckpt = hooks.checkpoints and (last or bool(cadence.checkpoint_every and step % cadence.checkpoint_every == 0))
+            is_log = step % cadence.log_every == 0 or last or stop
+            is_ckpt = hooks.checkpoints and (
+                last or stop or bool(cadence.checkpoint_every and step % cadence.checkpoint_every == 0)
+            )
             if is_log or is_ckpt:
-                host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
-                if is_ckpt:
-                    _check_finite(step, host, state.params)
-                else:
-                    _check_finite_metrics(step, host)
+                host = _check_pending(pending)
+                pending = []
+                if is_ckpt and not bool(_params_finite(state.params)):
+                    raise NonFiniteError(f"step {step}: a parameter became non-finite (all loss terms were finite)")
                 if is_log:
                     hooks.on_log(LogRecord(step, host, time.perf_counter() - t0))
                     if bar is not None:
                         bar.set_postfix_str(format_metrics(host), refresh=False)
-                if is_ckpt:
-                    hooks.on_checkpoint(state)
             if cadence.eval_every and (step % cadence.eval_every == 0 or last):
                 hooks.on_eval(state)
+            if is_ckpt:
+                hooks.on_checkpoint(state)
             if bar is not None:
                 bar.update(1)
+            if stop:
+                raise Interrupted(step)
     finally:
         if bar is not None:
             bar.close()
     return state
+
+
+def _check_pending(pending: list[tuple[int, Any]]) -> dict[str, float]:
+    """Host copies of the pending steps' metrics, checked in order; the last step's metrics."""
+    hosts = jax.device_get([m for _, m in pending])
+    host = {}
+    for (step, _), m in zip(pending, hosts):
+        host = {k: float(np.asarray(v)) for k, v in m.items()}
+        _check_finite_metrics(step, host)
+    return host
 
 
 class _History(Hooks):
