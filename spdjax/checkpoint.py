@@ -191,7 +191,7 @@ class Checkpointer:
             have = {k: v[:2] for k, v in saved.items()}
             if have != want:
                 diff = sorted(set(have) ^ set(want)) or [k for k in sorted(want) if have[k] != want[k]]
-                k = diff[0]
+                k = next((d for d in diff if d.startswith("['params']")), diff[0])  # the parameters say it best
                 raise CheckpointMismatchError(
                     f"the checkpoint at step {step} in {self.directory} does not fit this run ({k}: saved "
                     f"{_fmt(have.get(k))}, this run {_fmt(want.get(k))}); the config changed in a way a run "
