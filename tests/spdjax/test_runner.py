@@ -191,9 +191,8 @@ def test_garbled_config_json_and_metrics_line(uninterrupted, tmp_path):
     run(smoke_config(), wd, base / "cache", quiet=True, fresh=True)
     with (wd / "metrics.jsonl").open("a") as f:
         f.write('{"step": 99, "loss/total": \n')  # a garbled (partial) last line
-    from spdjax.runner import analyze
-
     import experiments
+    from spdjax.runner import analyze
 
     with pytest.warns(UserWarning, match="dropping unparsable line"):
         (wd / "metrics.jsonl").write_text((wd / "metrics.jsonl").read_text() + "garbage\n")
