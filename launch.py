@@ -101,10 +101,58 @@ def main(argv):
         print(f"outputs in {workdir}")
 
 
+def config_path_arg(argv) -> str | None:
+    """The file part of the last `--config` value in `argv` (before absl parses it), or None."""
+    value = None
+    args = list(argv[1:])
+    for i, a in enumerate(args):
+        if a == "--":
+            break
+        if a.startswith(("--config=", "-config=")):
+            value = a.split("=", 1)[1]
+        elif a in ("--config", "-config") and i + 1 < len(args):
+            value = args[i + 1]
+    return None if value is None else value.split(":", 1)[0]
+
+
+def config_file_problem(path: str | None) -> str | None:
+    """A one-line error for a --config path that is missing or a directory: ml_collections would only
+    report it, as a traceback, when the config is first used."""
+    if path is None:
+        return None
+    if not path:
+        return "--config: the config file path is empty"
+    if os.path.isdir(path):
+        return f"config file is a directory, not a .py file: {path}"
+    if not os.path.exists(path):
+        return f"config file not found: {path}"
+    return None
+
+
+def _load_failure(value) -> str | None:
+    """The last line of ml_collections' deferred load error (`_ErrorConfig`), e.g. a permission error."""
+    if type(value).__name__ != "_ErrorConfig":
+        return None
+    lines = [ln.strip() for ln in str(getattr(value, "_error", "")).splitlines() if ln.strip()]
+    return lines[-1] if lines else "it could not be loaded"
+
+
 def parse_flags(argv):
-    """absl flag parsing with one-line errors (unknown or mistyped --config.* overrides included)."""
+    """absl flag parsing with one-line errors (unknown or mistyped --config.* overrides included; a config
+    file that is missing, a directory or unreadable)."""
+    problem = config_file_problem(config_path_arg(argv))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(1)
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+        failure = _load_failure(flags.FLAGS["config"].value)
+        if failure is None:
+            return rest
+        print(f"error: config file {flags.FLAGS['config'].config_filename}: {failure}", file=sys.stderr)
+    except OSError as e:  # the deferred load error, raised while applying --config.* overrides
+        lines = [ln.strip() for ln in str(e.__cause__ or e).splitlines() if ln.strip()]
+        print(f"error: config file {config_path_arg(argv)}: {lines[-1] if lines else e}", file=sys.stderr)
     except flags.Error as e:
         lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
         # a config file that raised: its first line and the exception's last line, not the traceback

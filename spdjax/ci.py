@@ -43,17 +43,27 @@ def init_ci(key: Array, kind: str, d_in: int, C: int, hidden: tuple[int, ...], d
         raise ValueError(f"ci.type: unknown CI function {kind!r}; allowed: {list(CI_KINDS)}")
     if any((not isinstance(h, int)) or h <= 0 for h in hidden):
         raise ValueError(f"ci.hidden: widths must be positive ints, got {hidden!r}")
+    shapes = ci_shapes(kind, d_in, C, hidden)
+    keys = jax.random.split(key, len(shapes))
+    weights, biases = [], []
+    for i, (w_shape, b_shape) in enumerate(shapes):
+        gain = 1.0 if i == len(shapes) - 1 else 2.0
+        weights.append(jax.random.normal(keys[i], w_shape, dtype) * jnp.sqrt(gain / w_shape[-2]))
+        biases.append(jnp.zeros(b_shape, dtype))
+    return CIParams(tuple(weights), tuple(biases), kind)
+
+
+def ci_shapes(
+    kind: str, d_in: int, C: int, hidden: tuple[int, ...]
+) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
+    """`((weights[i] shape, biases[i] shape), ...)` of a CI function of `kind` (what `init_ci` makes):
+    layers first -> *hidden -> last with first = 1 (`mlp`) or d_in, last = C (`shared_mlp`) or 1."""
     first = {"mlp": 1, "vector_mlp": d_in, "shared_mlp": d_in}[kind]
     last = C if kind == "shared_mlp" else 1
     dims = (first, *hidden, last)
-    keys = jax.random.split(key, len(dims) - 1)
-    weights, biases = [], []
-    for i, (fi, fo) in enumerate(zip(dims[:-1], dims[1:])):
-        gain = 1.0 if i == len(dims) - 2 else 2.0
-        shape = (fi, fo) if kind == "shared_mlp" else (C, fi, fo)
-        weights.append(jax.random.normal(keys[i], shape, dtype) * jnp.sqrt(gain / fi))
-        biases.append(jnp.zeros(shape[:-2] + (fo,), dtype))
-    return CIParams(tuple(weights), tuple(biases), kind)
+    if kind == "shared_mlp":
+        return tuple(((fi, fo), (fo,)) for fi, fo in zip(dims[:-1], dims[1:]))
+    return tuple(((C, fi, fo), (C, fo)) for fi, fo in zip(dims[:-1], dims[1:]))
 
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)

@@ -7,7 +7,8 @@ unit rows) and not trained. Init mirrors PyTorch's nn.Linear: kernels ~ U(+-1/sq
 The seed gives W_E (`fold_in(key, 0)`), the MLP init (`fold_in(key, 1)`) and the data (`fold_in(key, 2)`).
 
 `load_or_train` caches the result under `cache_dir/resid_mlp-<nf>-<dmlp>x<L>-<hash>.npz` (+ a JSON
-sidecar), keyed by a hash of the whole target config.
+sidecar), keyed by a hash of the whole target config. A damaged or wrongly shaped cache entry (or
+`weights_path` file) is a one-line error naming the file and what to do (delete a cache entry to retrain).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float
 
-from experiments.cache import atomic_write
+from experiments.cache import atomic_write, cache_remedy, file_remedy, read_npz, read_sidecar
 from experiments.resid_mlp.model import random_embedding, resid_mlp_forward
 from spdjax.config import dataclass_from
 
@@ -163,18 +164,10 @@ def cache_paths(cfg: ResidMLPTargetConfig, cache_dir: Path) -> tuple[Path, Path]
     return Path(cache_dir) / f"{stem}.npz", Path(cache_dir) / f"{stem}.json"
 
 
-def _read_npz(path: Path, cfg: ResidMLPTargetConfig, what: str) -> dict[str, np.ndarray]:
-    with np.load(path) as data:
-        missing = [k for k in WEIGHT_NAMES if k not in data]
-        if missing:
-            raise ValueError(
-                f"{what}: {str(path)!r} must hold arrays {list(WEIGHT_NAMES)} (missing {missing})"
-            )
-        w = {k: data[k].astype(np.float32) for k in WEIGHT_NAMES}
-    bad = {k: w[k].shape for k in WEIGHT_NAMES if w[k].shape != cfg.shapes[k]}
-    if bad:
-        raise ValueError(f"{what}: {str(path)!r} shapes {bad} do not match the config's {cfg.shapes}")
-    return w
+def target_shapes(cfg: ResidMLPTargetConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The arrays of a ResidMLP target file: `{name: (shape, what the shape is)}`."""
+    desc = {"W_E": "(n_features, d_embed)", "W_in": "(n_layers, d_embed, d_mlp)", "W_out": "(n_layers, d_mlp, d_embed)"}
+    return {k: (cfg.shapes[k], desc[k]) for k in WEIGHT_NAMES}
 
 
 def load_weights(cfg: ResidMLPTargetConfig) -> tuple[dict[str, np.ndarray], dict]:
@@ -182,7 +175,8 @@ def load_weights(cfg: ResidMLPTargetConfig) -> tuple[dict[str, np.ndarray], dict
     path = Path(cfg.weights_path)
     if not path.is_file():
         raise FileNotFoundError(f"config.target.weights_path: target file {str(path)!r} does not exist")
-    w = _read_npz(path, cfg, "config.target.weights_path")
+    shapes = target_shapes(cfg)
+    w = read_npz(path, shapes, "config.target.weights_path", file_remedy(shapes))
     info = {"seed_used": -1, "final_loss": float("nan"), "initial_loss": float("nan"),
             "train_time_s": 0.0, "platform": "file", "cached": False, "cache_file": str(path)}
     return w, info
@@ -206,8 +200,8 @@ def load_or_train(
     cache_dir = Path(cache_dir)
     npz, sidecar = cache_paths(cfg, cache_dir)
     if npz.exists() and sidecar.exists():
-        w = _read_npz(npz, cfg, "target cache")
-        info = json.loads(sidecar.read_text())["info"]
+        w = read_npz(npz, target_shapes(cfg), "target cache", cache_remedy(sidecar))
+        info = read_sidecar(sidecar, npz)
         return w, {**info, "cached": True, "cache_file": str(npz)}
     w, info = trainer(cfg)
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,8 @@ Init mirrors the reference's PyTorch layers: W ~ U(+-1/sqrt(n_features)) and b ~
 A target that drops features makes the decomposition meaningless, so `train_represented` trains seed,
 seed+1, ... until every feature is represented (`model.represented_features`) and records the seed
 it used. `load_or_train` caches the result under `cache_dir/tms-<nf>-<nh>-<hash>.npz` (+ a JSON
-sidecar), keyed by a hash of the whole target config.
+sidecar), keyed by a hash of the whole target config. A damaged or wrongly shaped cache entry (or
+`weights_path` file) is a one-line error naming the file and what to do (delete a cache entry to retrain).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float
 
-from experiments.cache import atomic_write
+from experiments.cache import atomic_write, cache_remedy, file_remedy, read_npz, read_sidecar
 from experiments.tms.model import represented_features, tms_forward
 from spdjax.config import dataclass_from
 
@@ -180,23 +181,21 @@ def cache_paths(cfg: TMSTargetConfig, cache_dir: Path) -> tuple[Path, Path]:
     return Path(cache_dir) / f"{stem}.npz", Path(cache_dir) / f"{stem}.json"
 
 
+def target_shapes(cfg: TMSTargetConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The arrays of a TMS target file: `{name: (shape, what the shape is)}`."""
+    return {"W": ((cfg.n_hidden, cfg.n_features), "(n_hidden, n_features)"), "b": ((cfg.n_features,), "(n_features,)")}
+
+
 def load_weights(cfg: TMSTargetConfig) -> tuple[np.ndarray, np.ndarray, dict]:
-    """`(W, b, info)` from `cfg.weights_path`; clear one-line errors for a missing or wrong file."""
+    """`(W, b, info)` from `cfg.weights_path`; clear one-line errors for a missing, damaged or wrong file."""
     path = Path(cfg.weights_path)
     if not path.is_file():
         raise FileNotFoundError(f"config.target.weights_path: target file {str(path)!r} does not exist")
-    with np.load(path) as data:
-        if "W" not in data or "b" not in data:
-            raise ValueError(f"config.target.weights_path: {str(path)!r} must hold arrays 'W' and 'b'")
-        W, b = data["W"].astype(np.float32), data["b"].astype(np.float32)
-    if W.shape != (cfg.n_hidden, cfg.n_features) or b.shape != (cfg.n_features,):
-        raise ValueError(
-            f"config.target.weights_path: W {W.shape} / b {b.shape} do not match n_hidden={cfg.n_hidden}, "
-            f"n_features={cfg.n_features}"
-        )
+    shapes = target_shapes(cfg)
+    w = read_npz(path, shapes, "config.target.weights_path", file_remedy(shapes))
     info = {"seed_used": -1, "n_represented": -1, "final_loss": float("nan"), "train_time_s": 0.0,
             "platform": "file", "tries": [], "cached": False, "cache_file": str(path)}
-    return W, b, info
+    return w["W"], w["b"], info
 
 
 def load_or_train(
@@ -215,10 +214,9 @@ def load_or_train(
     cache_dir = Path(cache_dir)
     npz, sidecar = cache_paths(cfg, cache_dir)
     if npz.exists() and sidecar.exists():
-        with np.load(npz) as data:
-            W, b = data["W"].astype(np.float32), data["b"].astype(np.float32)
-        info = json.loads(sidecar.read_text())["info"]
-        return W, b, {**info, "cached": True, "cache_file": str(npz)}
+        w = read_npz(npz, target_shapes(cfg), "target cache", cache_remedy(sidecar))
+        info = read_sidecar(sidecar, npz)
+        return w["W"], w["b"], {**info, "cached": True, "cache_file": str(npz)}
     W, b, info = train_represented(cfg, trainer)
     cache_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(npz, lambda f: np.savez(f, W=W, b=b))

@@ -6,10 +6,12 @@
     optim: {steps, lr, schedule (constant, or the reference's apd_cosine / apd_linear: spdjax.optim),
             warmup_frac, faithfulness_warmup_steps=0}
 
-A coefficient of 0 leaves its term out.
+Coefficients must be finite and >= 0; a coefficient of 0 leaves its term out.
 """
 
 from __future__ import annotations
+
+import math
 
 from spdjax.apd.losses import APDConfig
 from spdjax.fields import dataclass_from, to_dict
@@ -23,6 +25,8 @@ def apd_config_from(section) -> APDConfig:
         for k, v in coeffs.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"config.apd.coeffs.{k} must be a number, got {v!r}")
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"config.apd.coeffs.{k} must be finite and >= 0, got {v!r}")
         values["coeffs"] = tuple((k, float(v)) for k, v in coeffs.items() if float(v) != 0.0)
     if isinstance(values.get("topk"), int) and not isinstance(values.get("topk"), bool):
         values["topk"] = float(values["topk"])

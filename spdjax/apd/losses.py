@@ -63,9 +63,11 @@ class APDConfig:
             raise ValueError(f"apd.C must be an int >= 1, got {self.C!r}")
         if self.m is not None and (isinstance(self.m, bool) or not isinstance(self.m, int) or self.m < 1):
             raise ValueError(f"apd.m must be None or an int >= 1, got {self.m!r}")
-        for name, _ in self.coeffs:
+        for name, c in self.coeffs:
             if name not in TERMS:
                 raise ValueError(f"apd.coeffs: unknown term {name!r}; allowed: {list(TERMS)}")
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not (math.isfinite(c) and c >= 0):
+                raise ValueError(f"apd.coeffs.{name} must be a finite number >= 0, got {c!r}")
         if self.attribution not in ATTRIBUTIONS:
             raise ValueError(f"apd.attribution: unknown {self.attribution!r}; allowed: {list(ATTRIBUTIONS)}")
         if self.topk is not None:

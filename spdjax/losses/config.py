@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -288,6 +289,8 @@ def loss_config_from(section) -> LossConfig:
         for k, v in coeffs.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ValueError(f"config.loss.coeffs.{k} must be a number, got {v!r}")
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"config.loss.coeffs.{k} must be finite and >= 0, got {v!r}")
         coeffs = tuple((k, float(v)) for k, v in coeffs.items())
     return LossConfig(coeffs=coeffs, **values, **flat)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import typing
 from typing import Any, Callable, NamedTuple
 
@@ -44,7 +45,8 @@ def _type_name(hint) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TermOptions:
-    """Options every term has: its coefficient in the total loss (0: computed and reported, not added).
+    """Options every term has: its coefficient in the total loss (finite and >= 0; 0: computed and reported,
+    not added).
 
     Subclasses add fields (with defaults) and may override `validate` (calling `super().validate()`) to raise
     `OptionError(option, detail)`. Field values are type-checked against the annotations first.
@@ -58,6 +60,8 @@ class TermOptions:
             v, hint = getattr(self, f.name), hints[f.name]
             if not _type_ok(v, hint):
                 raise OptionError(f.name, f" must be of type {_type_name(hint)}, got {v!r} ({type(v).__name__})")
+        if not (math.isfinite(self.coeff) and self.coeff >= 0):
+            raise OptionError("coeff", f" must be finite and >= 0, got {self.coeff!r}")
         self.validate()
 
     def validate(self) -> None:

@@ -133,6 +133,44 @@ def test_cache_is_reused(tmp_path):
         train_target.load_or_train(other, tmp_path, boom)
 
 
+def test_damaged_or_wrong_shaped_cache(tmp_path):
+    cfg = train_target.ResidMLPTargetConfig(**{**TINY, "seed": 2})
+    train_target.load_or_train(cfg, tmp_path, _fake_trainer([]))
+    npz, sidecar = train_target.cache_paths(cfg, tmp_path)
+    remedy = f"delete it and {sidecar.name} to retrain the target"
+
+    def boom(cfg):
+        raise AssertionError("retrained")
+
+    good = npz.read_bytes()
+    for damaged in (good[:-20], b"garbage", b""):
+        npz.write_bytes(damaged)
+        with pytest.raises(ValueError) as e:
+            train_target.load_or_train(cfg, tmp_path, boom)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"target cache: {str(npz)!r} is damaged"), msg
+        assert msg.endswith(remedy), msg
+    w = tiny_weights(2)
+    np.savez(npz, **{**w, "W_E": w["W_E"][:5]})
+    with pytest.raises(ValueError) as e:
+        train_target.load_or_train(cfg, tmp_path, boom)
+    assert str(e.value) == (f"target cache: {str(npz)!r} has the wrong shapes: W_E (5, 16), the config needs "
+                            f"(n_features, d_embed) = (6, 16); {remedy}")
+    np.savez(npz, W_E=w["W_E"], W_in=w["W_in"])
+    with pytest.raises(ValueError, match=r"missing \['W_out'\]"):
+        train_target.load_or_train(cfg, tmp_path, boom)
+    npz.write_bytes(good)
+    sidecar.write_text("{")
+    with pytest.raises(ValueError, match=r"target cache sidecar .* is damaged, not valid JSON .*; delete it and "):
+        train_target.load_or_train(cfg, tmp_path, boom)
+    # deleting the entry, as told, retrains
+    npz.unlink()
+    sidecar.unlink()
+    calls = []
+    train_target.load_or_train(cfg, tmp_path, _fake_trainer(calls))
+    assert calls == [2]
+
+
 def test_weights_path(tmp_path):
     missing = train_target.ResidMLPTargetConfig(**{**TINY, "weights_path": str(tmp_path / "nope.npz")})
     with pytest.raises(FileNotFoundError, match=r"config\.target\.weights_path.*nope\.npz"):
@@ -146,8 +184,19 @@ def test_weights_path(tmp_path):
     bad = train_target.ResidMLPTargetConfig(
         **{**TINY, "d_mlp": 3, "weights_path": str(tmp_path / "mine.npz")}
     )
-    with pytest.raises(ValueError, match="weights_path.*shapes"):
+    with pytest.raises(ValueError, match="weights_path.*shapes") as e:
         train_target.load_or_train(bad, None)
+    assert str(e.value) == (
+        f"config.target.weights_path: {str(tmp_path / 'mine.npz')!r} has the wrong shapes: W_in (2, 16, 4), the "
+        "config needs (n_layers, d_embed, d_mlp) = (2, 16, 3), and W_out (2, 4, 16), the config needs (n_layers, "
+        "d_mlp, d_embed) = (2, 3, 16); give an .npz (numpy.savez) with arrays W_E (n_features, d_embed), W_in "
+        "(n_layers, d_embed, d_mlp), W_out (n_layers, d_mlp, d_embed)"
+    )
+    (tmp_path / "mine.npz").write_bytes((tmp_path / "mine.npz").read_bytes()[:100])
+    with pytest.raises(ValueError) as e:
+        train_target.load_or_train(cfg, None)
+    assert "\n" not in str(e.value) and str(e.value).startswith(
+        f"config.target.weights_path: {str(tmp_path / 'mine.npz')!r} is damaged, not a readable .npz file")
     with pytest.raises(ValueError, match="unknown field.*banana"):
         train_target.ResidMLPTargetConfig.from_section({**TINY, "banana": 1})
 

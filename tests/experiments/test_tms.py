@@ -112,6 +112,99 @@ def test_cache_is_reused(tmp_path):
         train_target.load_or_train(other, tmp_path, boom)
 
 
+def _boom(cfg, seed):
+    raise AssertionError("retrained")
+
+
+def _damage(path: Path, how: str) -> None:
+    raw = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif how == "not_a_zip":
+        path.write_bytes(b"not an npz file at all")
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:  # a flipped byte inside W's data: the zip member's CRC fails
+        raw = bytearray(raw)
+        raw[raw.index(b"W.npy") + 120] ^= 0x01
+        path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("how", ["truncated", "not_a_zip", "empty", "flipped"])
+def test_damaged_cache_is_a_one_line_error_naming_the_file(tmp_path, how):
+    cfg = train_target.TMSTargetConfig(5, 2, steps=10, seed=2)
+    train_target.load_or_train(cfg, tmp_path, _fake_trainer({2}))
+    npz, sidecar = train_target.cache_paths(cfg, tmp_path)
+    _damage(npz, how)
+    with pytest.raises(ValueError) as e:
+        train_target.load_or_train(cfg, tmp_path, _boom)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"target cache: {str(npz)!r} is damaged"), msg
+    assert msg.endswith(f"delete it and {sidecar.name} to retrain the target"), msg
+    # deleting it, as told, retrains
+    npz.unlink()
+    sidecar.unlink()
+    _, _, info = train_target.load_or_train(cfg, tmp_path, _fake_trainer({2}))
+    assert not info["cached"]
+
+
+def test_wrong_shaped_or_garbled_cache(tmp_path):
+    cfg = train_target.TMSTargetConfig(5, 2, steps=10, seed=2)
+    train_target.load_or_train(cfg, tmp_path, _fake_trainer({2}))
+    npz, sidecar = train_target.cache_paths(cfg, tmp_path)
+    good = npz.read_bytes()
+    np.savez(npz, W=np.zeros((3, 5), np.float32), b=np.zeros(5, np.float32))
+    with pytest.raises(ValueError) as e:
+        train_target.load_or_train(cfg, tmp_path, _boom)
+    assert str(e.value) == (
+        f"target cache: {str(npz)!r} has the wrong shapes: W (3, 5), the config needs (n_hidden, n_features) = "
+        f"(2, 5); delete it and {sidecar.name} to retrain the target"
+    )
+    np.savez(npz, W=np.zeros((2, 5), np.float32))
+    with pytest.raises(ValueError, match=r"must hold arrays \['W', 'b'\] \(missing \['b'\]\); delete it"):
+        train_target.load_or_train(cfg, tmp_path, _boom)
+    np.savez(npz, W=np.full((2, 5), np.nan, np.float32), b=np.zeros(5, np.float32))
+    with pytest.raises(ValueError, match=r"\['W'\] hold non-finite values; delete it"):
+        train_target.load_or_train(cfg, tmp_path, _boom)
+    npz.write_bytes(good)
+    sidecar.write_text(sidecar.read_text()[:40])
+    with pytest.raises(ValueError) as e:
+        train_target.load_or_train(cfg, tmp_path, _boom)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"target cache sidecar {str(sidecar)!r} is damaged, not valid JSON"), msg
+    assert msg.endswith(f"delete it and {npz.name} to retrain the target"), msg
+
+
+def test_weights_path(tmp_path):
+    missing = train_target.TMSTargetConfig(5, 2, weights_path=str(tmp_path / "nope.npz"))
+    with pytest.raises(FileNotFoundError, match=r"config\.target\.weights_path: target file '.*nope\.npz' does not exist"):
+        train_target.load_or_train(missing, tmp_path)
+    path = tmp_path / "mine.npz"
+    np.savez(path, W=pentagon(), b=np.zeros(5))
+    cfg = train_target.TMSTargetConfig(5, 2, weights_path=str(path))
+    W, b, info = train_target.load_or_train(cfg, None, _boom)
+    np.testing.assert_array_equal(W, pentagon())
+    assert W.dtype == b.dtype == np.float32 and info["platform"] == "file"
+    remedy = "give an .npz (numpy.savez) with arrays W (n_hidden, n_features), b (n_features,)"
+    other = train_target.TMSTargetConfig(5, 3, weights_path=str(path))
+    with pytest.raises(ValueError) as e:
+        train_target.load_or_train(other, None, _boom)
+    assert str(e.value) == (f"config.target.weights_path: {str(path)!r} has the wrong shapes: W (2, 5), the config "
+                            f"needs (n_hidden, n_features) = (3, 5); {remedy}")
+    for how in ("truncated", "not_a_zip", "flipped"):
+        np.savez(path, W=pentagon(), b=np.zeros(5))
+        _damage(path, how)
+        with pytest.raises(ValueError) as e:
+            train_target.load_or_train(cfg, None, _boom)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"config.target.weights_path: {str(path)!r} is damaged"), msg
+        assert msg.endswith(remedy), msg
+    np.save(tmp_path / "single.npy", pentagon())
+    single = train_target.TMSTargetConfig(5, 2, weights_path=str(tmp_path / "single.npy"))
+    with pytest.raises(ValueError, match=r"single\.npy' is a single \.npy array, not an \.npz file"):
+        train_target.load_or_train(single, None, _boom)
+
+
 def test_target_config_rejects_unknown_fields():
     with pytest.raises(ValueError, match="unknown field.*banana"):
         train_target.TMSTargetConfig.from_section({"n_features": 5, "n_hidden": 2, "banana": 1})

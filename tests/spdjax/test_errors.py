@@ -37,6 +37,10 @@ CASES += [
     ("--config.mesh.data=-2", "config.mesh.data must be 0 (auto), -1 (all remaining devices) or an int >= 1, got -2"),
     ("--config.loss.terms.stochastic_recon.n_steps=2", "unknown config field 'n_steps'"),
     (":paper,papr", "ValueError: configs/tms_5-2.py: unknown argument 'papr'; allowed: paper, smoke"),
+    ("--config.loss.terms.stochastic_recon.coeff=-1.0",
+     "config.loss.terms.stochastic_recon.coeff must be finite and >= 0, got -1.0"),
+    ("--config.loss.terms.importance_minimality.coeff=nan",
+     "config.loss.terms.importance_minimality.coeff must be finite and >= 0, got nan"),
 ]
 
 
@@ -53,6 +57,39 @@ def test_launch_one_line_errors(tmp_path, override, message):
     assert len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error: ") and message in lines[0], lines[0]
     assert not (tmp_path / "cache").exists()  # refused before the target was trained
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/nope.py"], "error: config file not found: configs/nope.py"),
+    (["--config=configs/nope.py:smoke", "--config.optim.steps=3"], "error: config file not found: configs/nope.py"),
+    (["--config", "configs/nope.py"], "error: config file not found: configs/nope.py"),
+    (["--config=configs"], "error: config file is a directory, not a .py file: configs"),
+    (["--config=configs/:smoke"], "error: config file is a directory, not a .py file: configs/"),
+    (["--config="], "error: --config: the config file path is empty"),
+])
+def test_launch_config_file_that_cannot_be_loaded(tmp_path, args, message):
+    """A missing or directory config path is one line (ml_collections defers the error to the config's
+    first use and prints a traceback)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *args, f"--workdir={tmp_path / 'wd'}", f"--cache_dir={tmp_path / 'c'}"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 1
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [message], proc.stderr[-2000:]
+    assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("override", [[], ["--config.foo=1"]])
+def test_launch_config_file_whose_loading_fails_with_an_oserror(tmp_path, override):
+    """An OSError inside get_config: ml_collections defers it too; the message is its last line."""
+    cfg = tmp_path / "reads_missing.py"
+    cfg.write_text(f"def get_config():\n    return open({str(tmp_path / 'missing.txt')!r})\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), f"--config={cfg}", *override],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [
+        f"error: config file {cfg}: [Errno 2] No such file or directory: '{tmp_path / 'missing.txt'}'"
+    ], proc.stderr[-2000:]
 
 
 class Model(nnx.Module):

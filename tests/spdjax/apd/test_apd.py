@@ -305,6 +305,22 @@ def test_unit_norm_and_projection(x64):
     np.testing.assert_array_equal(np.asarray(proj.B), B)
 
 
+@pytest.mark.parametrize("coeff", [-1.0, float("nan"), float("inf")])
+def test_coeffs_must_be_finite_and_non_negative(coeff):
+    from spdjax.config import parse
+
+    cfg = _load_config("apd_tms_5-2", "smoke")
+    cfg.apd.coeffs.schatten = coeff
+    with pytest.raises(ValueError) as e:
+        parse(cfg)
+    assert str(e.value) == f"config.apd.coeffs.schatten must be finite and >= 0, got {coeff!r}"
+    with pytest.raises(ValueError, match=r"^apd\.coeffs\.topk_recon must be a finite number >= 0"):
+        APDConfig(C=3, coeffs=(("faithfulness", 1.0), ("topk_recon", coeff)))
+    cfg = _load_config("apd_tms_5-2", "smoke")
+    cfg.apd.coeffs.schatten = 0.0  # 0 leaves the term out
+    assert "schatten" not in dict(parse(cfg).method.settings.apd.coeffs)
+
+
 def test_schedule():
     s = make_schedule(OptimConfig(steps=101, lr=2.0, schedule="apd_cosine", warmup_frac=0.1, faithfulness_warmup_steps=0))
     np.testing.assert_allclose([float(s(t)) for t in (0, 5, 10, 50, 100)],

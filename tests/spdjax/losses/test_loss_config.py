@@ -114,6 +114,16 @@ def test_defaults_and_empty_sections():
     (dict(coeffs=dict(stochastic_recon_typo=1.0)), ["coeffs", "stochastic_recon_typo"]),
     (dict(pnorm=0.0), ["loss.pnorm", "> 0"]),
     (dict(pgd_mask_scope="per_batch"), ["loss.pgd_mask_scope", "per_batch"]),
+    # coefficients: finite and >= 0
+    (dict(terms=dict(stochastic_recon=dict(coeff=-1.0))), ["config.loss.terms.stochastic_recon.coeff must be finite "
+                                                          "and >= 0, got -1.0"]),
+    (dict(terms=dict(importance_minimality=dict(coeff=float("nan")))), ["config.loss.terms.importance_minimality.coeff",
+                                                                         "finite and >= 0", "nan"]),
+    (dict(terms=dict(pgd_recon=dict(coeff=float("inf")))), ["config.loss.terms.pgd_recon.coeff", "finite", "inf"]),
+    (dict(terms=dict(faithfulness=dict(coeff=-2))), ["config.loss.terms.faithfulness.coeff", "-2"]),
+    (dict(coeffs=dict(stochastic_recon=-0.5)), ["config.loss.coeffs.stochastic_recon must be finite and >= 0, got -0.5"]),
+    (dict(coeffs=dict(stochastic_recon=float("nan"))), ["config.loss.coeffs.stochastic_recon", "nan"]),
+    (dict(coeffs=dict(stochastic_recon=float("-inf"))), ["config.loss.coeffs.stochastic_recon", "-inf"]),
 ])
 def test_loss_config_from_errors_name_the_field(section, words):
     with pytest.raises(ValueError) as e:
@@ -132,6 +142,11 @@ def test_loss_config_from_errors_name_the_field(section, words):
     (dict(coeffs=(("nope", 1.0),)), ["loss.coeffs", "'nope'"]),
     (dict(subset_routing="random"), ["loss.subset_routing", "random"]),
     (dict(n_mask_samples=0), ["loss.n_mask_samples"]),
+    (dict(terms={"pgd_recon": {"coeff": -0.5}}), ["loss.terms.pgd_recon.coeff must be finite and >= 0, got -0.5"]),
+    (dict(terms={"stochastic_recon": {"coeff": float("nan")}}), ["loss.terms.stochastic_recon.coeff", "nan"]),
+    (dict(coeffs=(("stochastic_recon", float("inf")),)), ["loss.coeffs.stochastic_recon must be finite", "inf"]),
+    (dict(coeffs=(("stochastic_recon", 1.0), ("importance_minimality", -3e-3))), ["loss.coeffs.importance_minimality",
+                                                                                   ">= 0", "-0.003"]),
 ])
 def test_python_form_errors_name_the_field(kwargs, words):
     with pytest.raises(ValueError) as e:
@@ -140,6 +155,14 @@ def test_python_form_errors_name_the_field(kwargs, words):
         assert w in str(e.value), (w, str(e.value))
     with pytest.raises(TypeError, match="bogus"):
         LossConfig(bogus=1)
+
+
+@pytest.mark.parametrize("coeff", [-1.0, float("nan"), float("inf"), -1e-12])
+def test_term_options_coeff_finite_and_non_negative(coeff):
+    for cls in (TermOptions, PGDOptions, MinimalityOptions):
+        with pytest.raises(ValueError, match=r"^coeff must be finite and >= 0, got"):
+            cls(coeff=coeff)
+    assert TermOptions(coeff=0.0).coeff == 0.0 and TermOptions(coeff=0).coeff == 0
 
 
 def test_shipped_config_files_parse():
