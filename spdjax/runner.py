@@ -256,7 +256,7 @@ class Session(Hooks):
                 if DATA_STATE not in extra:
                     raise ValueError(f"checkpoint at step {int(self.state.step)} holds no data iterator position")
                 self.data.set_state(extra[DATA_STATE])
-            if not options.quiet and lead:
+            if lead:
                 print(f"resuming from the checkpoint at step {int(self.state.step)}", flush=True)
             self._write_config()
         else:
