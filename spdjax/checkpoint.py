@@ -23,6 +23,7 @@ another (a different device count, data/model split or number of hosts).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -138,15 +139,22 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, max_to_keep: int = 3, async_save: bool = True):
         self.directory = Path(directory).absolute()
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep,
-                create=True,
-                enable_async_checkpointing=async_save,
-                cleanup_tmp_directories=True,
-            ),
-        )
+        if self.directory.exists() and not self.directory.is_dir():
+            raise CheckpointError(f"the checkpoint directory {self.directory} is not a directory; move it away")
+        if self.directory.is_dir() and not os.access(self.directory, os.W_OK | os.X_OK):
+            raise CheckpointError(f"the checkpoint directory {self.directory} is not writable; fix its permissions")
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=max_to_keep,
+                    create=True,
+                    enable_async_checkpointing=async_save,
+                    cleanup_tmp_directories=True,
+                ),
+            )
+        except Exception as e:  # noqa: BLE001  (not a directory, no permission, ...)
+            raise CheckpointError(f"cannot use the checkpoint directory {self.directory}: {_first_line(e)}") from None
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -241,9 +249,15 @@ class Checkpointer:
         dest_root = self.quarantine_dir
         dest = dest_root / f"{step}"
         if jax.process_index() == 0:  # the checkpoint directory is shared by every process
-            dest_root.mkdir(parents=True, exist_ok=True)
             dest = dest_root / f"{step}-{time.time_ns()}"
-            shutil.move(str(self.directory / str(step)), dest)
+            try:
+                dest_root.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(self.directory / str(step)), dest)
+            except OSError as e:
+                raise CheckpointError(
+                    f"the checkpoint at step {step} in {self.directory} is damaged and could not be moved to "
+                    f"{dest_root}: {e.strerror or e}"
+                ) from None
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"spdjax_quarantine_{step}")
         self._manager.reload()
