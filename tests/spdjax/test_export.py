@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import edit_json
 
 import spdjax
 from spdjax import export
@@ -70,9 +71,7 @@ def _error(path, exc=ValueError):
 
 
 def _edit_meta(d, edit):
-    meta = json.loads((d / export.META).read_text())
-    edit(meta)
-    (d / export.META).write_text(json.dumps(meta))
+    edit_json(d / export.META, edit)
 
 
 def _site(meta, name):

@@ -5,9 +5,9 @@ test modules need distinct basenames.)"""
 import json
 
 import jax
-import numpy as np
 import pytest
 from flax import nnx
+from helpers import assert_trees_equal, edit_json
 
 import spdjax
 from spdjax.apd import export
@@ -51,22 +51,14 @@ def _error(d, exc=ValueError):
 
 
 def _edit_meta(d, edit):
-    meta = json.loads((d / export.META).read_text())
-    edit(meta)
-    (d / export.META).write_text(json.dumps(meta))
-
-
-def _assert_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    edit_json(d / export.META, edit)
 
 
 @pytest.mark.parametrize("m", [2, None])
 def test_round_trip(tmp_path, m):
     d, params = _saved(tmp_path, m)
     loaded, meta = export.load(d)
-    _assert_equal(loaded, params)
+    assert_trees_equal(loaded, params)
     assert meta["format_version"] == export.FORMAT_VERSION == 2 and meta["extra"] == {"note": "x"}
     assert sorted(meta["tensors"]) == ["components/down/A", "components/down/B", "components/up/A", "components/up/B"]
     assert meta["tensors"]["components/up/A"]["shape"] == [4, 4, 2 if m else 4]
@@ -77,7 +69,7 @@ def test_tied_sites_have_no_tensors_of_their_own(tmp_path):
     params = init_apd(jax.random.key(1), target, 3, None)
     d = export.save(tmp_path / "d", params, target.sites, APDConfig(C=3, m=None))
     loaded, _ = export.load(d)
-    _assert_equal(loaded, params)
+    assert_trees_equal(loaded, params)
 
 
 def test_flipped_byte_names_file_and_tensor(tmp_path):
@@ -146,6 +138,6 @@ def test_format_version_1_without_checksums_still_loads(tmp_path):
 
     _edit_meta(d, as_v1)
     loaded, _ = export.load(d)
-    _assert_equal(loaded, params)
+    assert_trees_equal(loaded, params)
     _edit_meta(d, lambda meta: meta["apd"].update(C=2))  # shapes are still checked
     assert "implies (2, " in _error(d)
