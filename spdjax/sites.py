@@ -7,7 +7,10 @@ subcomponents are stored as `V: (d_in, C)` and `U: (C, d_out)` with `kernel ~ V 
 
 Kinds: `linear` (nnx.Linear, pure-function linears), `embed` (row look-up; `a` holds integer ids,
 `in_shape == ()`, `d_in` = vocabulary size), `einsum` (nnx.Einsum whose contracted axes trail the
-input and whose new axes trail the output), `identity` (an inserted d x d identity).
+input and whose new axes trail the output), `linear_general` (nnx.LinearGeneral contracting the
+input's trailing axes, e.g. nnx.MultiHeadAttention's query / key / value `(d, heads, head_dim)` and
+out `(heads, head_dim, d)`: the whole matrix, heads flattened, is one site), `identity` (an inserted
+d x d identity).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-KINDS = ("linear", "embed", "einsum", "identity")
+KINDS = ("linear", "embed", "einsum", "linear_general", "identity")
 IDENTITY_SUFFIX = ".pre_identity"
 
 

@@ -1,4 +1,5 @@
-"""Adapter: decompose the Linear / Einsum / Embed layers of a Flax NNX model, chosen by path glob.
+"""Adapter: decompose the Linear / LinearGeneral / Einsum / Embed layers of a Flax NNX model, chosen
+by path glob (so also the query / key / value / out maps of `nnx.MultiHeadAttention`).
 
 The user's model is not edited: `from_nnx` copies it, swaps each chosen layer for a thin `SiteHook`
 that forwards to the original layer through `call_site`, and splits the copy into a graph
@@ -16,7 +17,7 @@ from jaxtyping import Array
 from spdjax.sites import SitePattern, SiteSpec, as_patterns, match_patterns
 from spdjax.targets.base import Target, call_site, check_tied, order_sites
 
-SUPPORTED = (nnx.Linear, nnx.Einsum, nnx.Embed)
+SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Embed)
 
 
 def _path_str(path: tuple) -> str:
@@ -50,6 +51,19 @@ def _parse_einsum(path: str, layer: nnx.Einsum) -> tuple[tuple[int, ...], tuple[
     return shape[: len(contracted)], shape[len(contracted) :]
 
 
+def _linear_general_shapes(path: str, layer: nnx.LinearGeneral) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(in_shape, out_shape) of a LinearGeneral that contracts the input's trailing axes; error otherwise."""
+    in_shape, out_shape = tuple(layer.in_features), tuple(layer.out_features)
+    axis = tuple(layer.axis)
+    if dict(layer.batch_axis) or axis != tuple(range(-len(in_shape), 0)):
+        raise ValueError(
+            f"site {path!r}: LinearGeneral with axis={layer.axis} and batch_axis={dict(layer.batch_axis)} is not "
+            f"supported; the contracted axes must be the input's trailing ones given as negative indices "
+            f"(axis={tuple(range(-len(in_shape), 0))}) and batch_axis empty"
+        )
+    return in_shape, out_shape
+
+
 def _layer_kernel(layer) -> tuple[Array, Array | None]:
     """`(kernel (d_in, d_out), bias or None)` of a supported layer."""
     if isinstance(layer, nnx.Embed):
@@ -64,6 +78,9 @@ def _spec(path: str, layer, pattern: SitePattern | None) -> SiteSpec:
         return SiteSpec(path, "linear", (layer.in_features,), (layer.out_features,), C, layer.in_features)
     if isinstance(layer, nnx.Embed):
         return SiteSpec(path, "embed", (), (layer.features,), C, layer.num_embeddings)
+    if isinstance(layer, nnx.LinearGeneral):
+        in_shape, out_shape = _linear_general_shapes(path, layer)
+        return SiteSpec(path, "linear_general", in_shape, out_shape, C, math.prod(in_shape))
     if isinstance(layer, nnx.Einsum):
         in_shape, out_shape = _parse_einsum(path, layer)
         return SiteSpec(
@@ -81,15 +98,19 @@ class SiteHook(nnx.Module):
         self.identity = identity
 
     def __call__(self, a, *args, **kwargs):
-        if args or kwargs:
+        # keyword arguments left at None (e.g. MultiHeadAttention's `out_sharding=None`) change nothing
+        if args or any(v is not None for v in kwargs.values()):
             name = (self.spec or self.identity).name
-            raise TypeError(f"site {name!r}: decomposed layers take exactly one input array")
+            raise TypeError(
+                f"site {name!r}: decomposed layers take exactly one input array (got extra arguments "
+                f"{[type(x).__name__ for x in args] + [k for k, v in kwargs.items() if v is not None]})"
+            )
         if self.identity is not None:
             a = call_site(self.identity, a, None, None, lambda x: x)
         if self.spec is None:
             return self.layer(a)
         kernel, bias = _layer_kernel(self.layer)
-        if self.spec.kind == "einsum":
+        if self.spec.kind in ("einsum", "linear_general"):
             kernel = kernel.reshape(self.spec.d_in, self.spec.d_out)
         return call_site(self.spec, a, kernel, bias, self.layer)
 
