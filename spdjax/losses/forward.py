@@ -7,7 +7,9 @@ recomputed in the backward pass instead of stored): same values and gradients, l
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import contextlib
+import contextvars
+from typing import Any, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,27 @@ from spdjax.sigmoids import get_sigmoids
 from spdjax.targets.base import Target
 
 DIVERGENCES = ("mse", "kl")
+LOSS_MASK = "loss_mask"  # key of a per-position weight in a dict batch (sequence models)
+
+_POSITION_WEIGHT: contextvars.ContextVar[Array | None] = contextvars.ContextVar("spdjax_position_weight", default=None)
+
+
+@contextlib.contextmanager
+def position_weights(weight: Array | None) -> Iterator[None]:
+    """Inside this block (at trace time), `divergence` averages over positions with `weight`
+    (`(*lead)`, e.g. `(batch, positions)`: 1 where a position carries a loss, 0 where not)."""
+    token = _POSITION_WEIGHT.set(weight)
+    try:
+        yield
+    finally:
+        _POSITION_WEIGHT.reset(token)
+
+
+def batch_position_weight(batch: Any) -> Array | None:
+    """`batch["loss_mask"]` of a dict batch, else None (every position counts)."""
+    if isinstance(batch, dict) and LOSS_MASK in batch:
+        return batch[LOSS_MASK]
+    return None
 
 
 def _maybe_remat(fn, remat: bool):
@@ -28,14 +51,24 @@ def _maybe_remat(fn, remat: bool):
 
 
 def divergence(kind: str, pred: Array, target: Array) -> Float[Array, ""]:
-    """D(pred, target): `mse` (mean over elements) or `kl` (KL(target || pred) over the last axis)."""
+    """D(pred, target): `mse` (mean over elements) or `kl` (KL(target || pred) over the last axis,
+    averaged over the other axes). Inside `position_weights(w)`, the per-position values (`mse`: the
+    mean over the last axis) are averaged with the weights `w: (*lead)` instead."""
+    if kind not in DIVERGENCES:
+        raise ValueError(f"output_loss: unknown divergence {kind!r}; allowed: {list(DIVERGENCES)}")
+    w = _POSITION_WEIGHT.get()
     if kind == "mse":
-        return jnp.mean((pred - target) ** 2)
-    if kind == "kl":
+        if w is None:
+            return jnp.mean((pred - target) ** 2)
+        per = jnp.mean((pred - target) ** 2, axis=-1)
+    else:
         lt = jax.nn.log_softmax(target, axis=-1)
         lp = jax.nn.log_softmax(pred, axis=-1)
-        return jnp.mean(jnp.sum(jnp.exp(lt) * (lt - lp), axis=-1))
-    raise ValueError(f"output_loss: unknown divergence {kind!r}; allowed: {list(DIVERGENCES)}")
+        per = jnp.sum(jnp.exp(lt) * (lt - lp), axis=-1)
+        if w is None:
+            return jnp.mean(per)
+    w = jnp.broadcast_to(jnp.asarray(w, per.dtype), per.shape)
+    return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1e-12)
 
 
 def clean_forward(target: Target, batch: Any) -> tuple[Array, dict[str, Array]]:

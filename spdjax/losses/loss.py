@@ -9,7 +9,7 @@ from jaxtyping import Array, Float
 
 from spdjax.decomposition import SPDParams, check_params
 from spdjax.losses.config import LossConfig
-from spdjax.losses.forward import clean_forward, compute_ci
+from spdjax.losses.forward import batch_position_weight, clean_forward, compute_ci, position_weights
 from spdjax.losses.registry import TERMS, LossContext, TermOptions
 from spdjax.losses.terms import annealed_p
 from spdjax.targets.base import Target
@@ -36,8 +36,13 @@ def loss_fn(
     `extra_terms` are computed for the metrics only (evaluation), never added: names (with
     `config.options_for(name)`) or `(name, options)` pairs.
 
+    Sequence models: CI and masks are per token (`(batch, positions, C)`); a dict batch may carry
+    `batch["loss_mask"]` `(batch, positions)`, the weight of each position in every output divergence
+    (e.g. 1 on the positions whose next-token prediction counts); the target's own call then picks
+    its input from the dict (`spdjax.from_nnx(model, ..., call=lambda m, b: m(b["tokens"]))`).
+
     Returns `(loss, metrics)`; metrics hold every computed term under `loss/<term>`, the total under
-    `loss/total`, `ci_l0/<site>` and the current `p`.
+    `loss/total`, `ci_l0/<site>` (mean over every position) and the current `p`.
     """
     check_params(params, target)
     out, inputs = clean_forward(target, batch)
@@ -53,11 +58,12 @@ def loss_fn(
             todo.append((name, config.options_for(name) if opts is None else opts))
     metrics: dict[str, Array] = {}
     total = jnp.zeros((), jnp.float32)
-    for name, opts in todo:
-        value = TERMS[name](ctx, opts)
-        metrics[f"loss/{name}"] = value
-        if name in configured and opts.coeff != 0.0:
-            total = total + opts.coeff * value
+    with position_weights(batch_position_weight(batch)):
+        for name, opts in todo:
+            value = TERMS[name](ctx, opts)
+            metrics[f"loss/{name}"] = value
+            if name in configured and opts.coeff != 0.0:
+                total = total + opts.coeff * value
     metrics["loss/total"] = total
     for n, v in ci_l0(ci.lower, config.ci_l0_threshold).items():
         metrics[f"ci_l0/{n}"] = v

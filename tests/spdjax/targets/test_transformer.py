@@ -116,3 +116,51 @@ def test_jit_grad_of_the_loss(case):
     leaves = jax.tree.leaves(g)
     assert leaves and all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
     assert any(float(jnp.max(jnp.abs(x))) > 0 for x in jax.tree.leaves(g.components))
+
+
+def test_weighted_divergence_matches_numpy():
+    from spdjax.losses.forward import divergence, position_weights
+
+    rng = np.random.default_rng(0)
+    pred, tgt = rng.normal(size=(2, 5, 7)), rng.normal(size=(2, 5, 7))
+    w = (rng.random((2, 5)) < 0.5).astype(np.float64)
+    w[0, 0] = 1.0
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lt, lp = log_softmax(tgt), log_softmax(pred)
+    kl = (np.exp(lt) * (lt - lp)).sum(-1)
+    mse = ((pred - tgt) ** 2).mean(-1)
+    with position_weights(jnp.asarray(w, jnp.float32)):
+        got_kl = divergence("kl", jnp.asarray(pred, jnp.float32), jnp.asarray(tgt, jnp.float32))
+        got_mse = divergence("mse", jnp.asarray(pred, jnp.float32), jnp.asarray(tgt, jnp.float32))
+    np.testing.assert_allclose(got_kl, (kl * w).sum() / w.sum(), rtol=1e-5)
+    np.testing.assert_allclose(got_mse, (mse * w).sum() / w.sum(), rtol=1e-5)
+
+
+def test_loss_mask_selects_the_positions_that_carry_a_loss():
+    """A dict batch with `loss_mask` one-hot on the last position gives the same loss terms as a target
+    whose output is only the last position (same per-token CI and masks, same key)."""
+    model = Transformer(nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (B, T), 0, VOCAB)
+    sites = {"blocks.*.attn.*": 8, "blocks.*.mlp.*": 8}
+    full = spdjax.from_nnx(model, sites=sites, call=lambda m, b: m(b["tokens"]))
+    last = spdjax.from_nnx(model, sites=sites, call=lambda m, b: m(b["tokens"])[:, -1:])
+    params = spdjax.init_decomposition(jax.random.key(0), full, ci_type="shared_mlp", ci_hidden=(8,))
+    config = LossConfig(
+        terms=dict(stochastic_recon=dict(coeff=1.0), stochastic_recon_layerwise=dict(coeff=1.0),
+                   importance_minimality=dict(coeff=1e-3)),
+        output_loss="kl",
+    )
+    key = jax.random.key(5)
+    mask = jnp.zeros((B, T)).at[:, -1].set(1.0)
+    _, m_full = spdjax.loss_fn(params, full, {"tokens": tokens, "loss_mask": mask}, key, config)
+    _, m_last = spdjax.loss_fn(params, last, {"tokens": tokens}, key, config)
+    _, m_all = spdjax.loss_fn(params, full, {"tokens": tokens}, key, config)
+    _, m_ones = spdjax.loss_fn(params, full, {"tokens": tokens, "loss_mask": jnp.ones((B, T))}, key, config)
+    for k in ("loss/stochastic_recon", "loss/stochastic_recon_layerwise"):
+        np.testing.assert_allclose(m_full[k], m_last[k], rtol=1e-5, err_msg=k)
+        np.testing.assert_allclose(m_ones[k], m_all[k], rtol=1e-5, err_msg=k)
+        assert not np.isclose(float(m_full[k]), float(m_all[k]), rtol=1e-3)  # the mask matters
