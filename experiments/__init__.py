@@ -18,8 +18,9 @@ __all__ = ["Experiment", "available", "build", "builder", "family"]
 
 
 def available() -> list[str]:
-    """The families in this package."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.ispkg)
+    """The families in this package: its subpackages with a `build` function."""
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.ispkg)
+    return [n for n in names if callable(getattr(importlib.import_module(f"experiments.{n}"), "build", None))]
 
 
 def family(name: str) -> ModuleType:
