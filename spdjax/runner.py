@@ -36,6 +36,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from spdjax import sharding
 from spdjax.checkpoint import Checkpointer, CheckpointError
@@ -141,8 +142,6 @@ class _Stop(Exception):
 def _sync(name: str) -> None:
     """A barrier across processes (nothing with one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -294,8 +293,6 @@ class Session(Hooks):
     def stop_requested(self) -> bool:
         flag = self.signal is not None
         if jax.process_count() > 1:  # every process must stop at the same step (the checkpoint is collective)
-            from jax.experimental import multihost_utils
-
             flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
         return flag
 
