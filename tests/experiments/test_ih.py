@@ -1,6 +1,8 @@
 """The induction-head toy: its data generator, the target's shapes, the circuit scores and the cached
 state's round trip (the decomposition recipe is issue 25's open part)."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,3 +60,18 @@ def test_training_runs_and_state_round_trips():
     tokens = ih_data.sample(jax.random.key(3), 2)["tokens"]
     again = from_flat_state(cfg, flat_state(model))
     np.testing.assert_array_equal(again(tokens), model(tokens))
+
+
+def test_smoke_run_end_to_end(tmp_path):
+    """configs/ih.py:smoke through the runner: a briefly trained target, q/k/v/o of both layers decomposed
+    with KL on the last position, and the analysis keys."""
+    from helpers import run_config
+
+    from spdjax.config import load_config_file
+
+    cfg = load_config_file(Path(__file__).resolve().parents[2] / "configs" / "ih.py", "smoke")
+    s = run_config(cfg, tmp_path / "run", tmp_path / "cache", quiet=True)
+    for k in ("target_accuracy", "target_prev_token_score", "target_induction_score", "accuracy/ci",
+              "accuracy/rounded_ci", "accuracy/unmasked", "ci_l0_final_token/blocks.1.attn.q", "n_alive/blocks.0.attn.k"):
+        assert k in s, k
+    assert s["steps"] == 6 and "final/loss/ci_masked_recon" in s
