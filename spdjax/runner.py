@@ -24,6 +24,7 @@ The runner knows methods only through `spdjax.method.Method` and experiments onl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import shutil
@@ -174,6 +175,19 @@ def check_batch(exp: Experiment) -> None:
         raise ValueError(f"batch {shapes} does not fit the target: {first}") from None
 
 
+def held_out_batch(exp: Experiment, mesh, key, index: int):
+    """A held-out batch on `mesh`: sampled from `key` (on-device sampler) or the host data's `index`-th."""
+    if exp.batch_fn is not None:
+        return _sampler(exp.batch_fn, mesh)(key)
+    return sharding.global_batch(exp.host_data.held_out(index), mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _sampler(batch_fn, mesh):
+    """`batch_fn` jitted with its batch sharded over `mesh` (compiled once per run, not per evaluation)."""
+    return jax.jit(lambda k: sharding.constrain_batch(batch_fn(k), mesh))
+
+
 class Run:
     """The pieces of one run on this process: config, method, experiment, mesh, step, data."""
 
@@ -188,10 +202,7 @@ class Run:
             self.method, self.optimizer, rc.optim.steps, exp.batch_fn, make_schedule(rc.optim), mesh=mesh,
             shardings=self.shardings, compute_dtype=rc.precision.compute,
         )
-        rep = sharding.replicated(mesh)
-        self._eval_metrics = jax.jit(self.method.eval_metrics, out_shardings=rep)
-        if exp.batch_fn is not None:
-            self._sample = jax.jit(lambda k: sharding.constrain_batch(exp.batch_fn(k), mesh))
+        self._eval_metrics = jax.jit(self.method.eval_metrics, out_shardings=sharding.replicated(mesh))
 
     def fresh_state(self, target) -> TrainState:
         params = self.method.init_params(jax.random.fold_in(self.key, 0), target, self.rc.precision.param)
@@ -203,10 +214,7 @@ class Run:
         return jax.jit(self.fresh_state, out_shardings=self.shardings)(self.target)
 
     def held_out(self, key, index: int):
-        """A held-out batch: sampled from `key` (on-device sampler) or the host data's `index`-th."""
-        if self.exp.batch_fn is not None:
-            return self._sample(key)
-        return sharding.global_batch(self.exp.host_data.held_out(index), self.mesh)
+        return held_out_batch(self.exp, self.mesh, key, index)
 
     def evaluate(self, params, step: int, figures: Path | None, lead: bool) -> dict | None:
         """Held-out metrics of `params` at `step` (every process takes part; None except on process 0)."""
@@ -426,7 +434,7 @@ def _analyze_locked(rc: RunConfig, workdir: Path, build: Build) -> dict:
     summary_file = workdir / "summary.json"
     prior = read_json(summary_file, "the run's summary") if summary_file.exists() else {}
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
-    batch = Run(rc, exp, mesh).held_out(_summary_key(rc), 0)
+    batch = held_out_batch(exp, mesh, _summary_key(rc), 0)
     step = int(extra.get("step", rc.optim.steps))
     return finish(rc, exp, params, step, batch, workdir, float(prior.get("wall_time_s", float("nan"))))
 
