@@ -22,6 +22,7 @@ import numpy as np
 
 import spdjax
 from experiments.cache import atomic_write
+from experiments.ih.analysis import make_analyze
 from experiments.ih.data import sample
 from experiments.ih.model import InductionTransformer
 from experiments.ih.train_target import (
@@ -32,11 +33,8 @@ from experiments.ih.train_target import (
     last_token_accuracy,
     train,
 )
-from spdjax import metrics
 from spdjax.experiment import Experiment
 from spdjax.fields import dataclass_from, to_dict
-from spdjax.losses import masked_forward
-from spdjax.masks import SiteMask, deterministic_masks
 
 __all__ = ["IHTargetConfig", "InductionTransformer", "build", "load_or_train", "sample"]
 
@@ -76,32 +74,11 @@ def build(run, cache_dir: Path) -> Experiment:
         return {"tokens": sample(key, run.batch_size)["tokens"], "loss_mask": _last_position_mask(run.batch_size)}
 
     held = sample(jax.random.key(10_000 + tcfg.seed), run.eval_batch_size)
-    target_acc = last_token_accuracy(model, held)
     scores = circuit_scores(model, held)
-
-    @jax.jit
-    def masked_accuracies(params, target, tokens, labels, ci):
-        batch = {"tokens": tokens}
-        out = {}
-        for name, masks in (
-            ("unmasked", {n: SiteMask(jnp.ones_like(g), None) for n, g in ci.items()}),
-            ("ci", deterministic_masks(ci)),
-            ("rounded_ci", {n: SiteMask((g > 0).astype(g.dtype), None) for n, g in ci.items()}),
-        ):
-            logits = masked_forward(params, target, batch, masks)[:, -1]
-            out[name] = jnp.mean(jnp.argmax(logits, -1) == labels)
-        return out
-
-    def analyze(params, target, workdir, loss):
-        ci = metrics.batch_ci(params, target, {"tokens": held["tokens"]}, loss.sigmoid)
-        ci = {n: jnp.asarray(g) for n, g in ci.items()}
-        out = {"target_accuracy": target_acc, **{f"target_{k}": v for k, v in scores.items()}}
-        for k, v in masked_accuracies(params, target, held["tokens"], held["label"], ci).items():
-            out[f"accuracy/{k}"] = float(v)
-            out[f"accuracy_ratio/{k}"] = float(v) / max(target_acc, 1e-12)
-        for n, g in ci.items():
-            out[f"ci_l0_final_token/{n}"] = float(jnp.mean(jnp.sum(g[:, -1] > loss.ci_l0_threshold, -1)))
-        return out
+    with_patterns = spdjax.from_nnx(model, sites=run.sites, call=lambda m, b: m.run(b["tokens"]))
+    analyze = make_analyze(
+        held, last_token_accuracy(model, held), scores, with_patterns.apply_fn, tcfg.d_model, run.seed
+    )
 
     flat = {k: info[k] for k in ("steps", "accuracy", "seed", "train_time_s", "prev_token_score", "induction_score")}
     flat["cached"] = bool(info.get("cached", False))

@@ -73,3 +73,16 @@ class InductionTransformer(nnx.Module):
 
     def patterns(self, tokens):
         return self.run(tokens)[1]
+
+
+def attention_scores(patterns, m_pos: Int[Array, " B"]) -> dict[str, Array]:
+    """From `patterns[l]: (B, T, T)`: `prev_token_score` (layer 0, mean attention to the previous token over
+    positions 1..T-1), `prev_at_m` (layer 0, M -> S) and `induction` (layer 1, final -> M)."""
+    a0, a1 = patterns[0], patterns[1]
+    B, T = a0.shape[0], a0.shape[-1]
+    rows = jnp.arange(B)
+    return {
+        "prev_token_score": jnp.mean(a0[:, jnp.arange(1, T), jnp.arange(0, T - 1)]),
+        "prev_at_m": jnp.mean(a0[rows, m_pos, m_pos - 1]),
+        "induction": jnp.mean(a1[rows, T - 1, m_pos]),
+    }

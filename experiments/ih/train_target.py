@@ -25,7 +25,7 @@ from flax import nnx
 
 from experiments.cache import atomic_write
 from experiments.ih.data import sample
-from experiments.ih.model import InductionTransformer
+from experiments.ih.model import InductionTransformer, attention_scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +44,14 @@ class IHTargetConfig:
 
 
 def circuit_scores(model: InductionTransformer, batch: dict) -> dict[str, float]:
-    """Layer-0 mean attention to the previous token (positions 1..T-1) and layer-1 attention from the
-    final position (S) to M's position."""
-    a0, a1 = model.patterns(batch["tokens"])[:2]
-    T = a0.shape[-1]
-    prev = jnp.mean(a0[:, jnp.arange(1, T), jnp.arange(0, T - 1)])
-    induction = jnp.mean(a1[jnp.arange(a1.shape[0]), -1, batch["m_pos"]])
-    return {"prev_token_score": float(prev), "induction_score": float(induction)}
+    """Layer-0 mean attention to the previous token (positions 1..T-1, and from M to S) and layer-1
+    attention from the final position (S) to M's position (`model.attention_scores`)."""
+    s = attention_scores(model.patterns(batch["tokens"]), batch["m_pos"])
+    return {
+        "prev_token_score": float(s["prev_token_score"]),
+        "prev_token_score_at_m": float(s["prev_at_m"]),
+        "induction_score": float(s["induction"]),
+    }
 
 
 def last_token_accuracy(model: InductionTransformer, batch: dict) -> float:

@@ -49,7 +49,7 @@ def test_circuit_scores_on_synthetic_patterns():
     prev = jnp.broadcast_to(jnp.eye(T, k=-1).at[0, 0].set(1.0), (8, T, T))
     ind = jnp.zeros((8, T, T)).at[jnp.arange(8), -1, batch["m_pos"]].set(1.0)
     model.patterns = lambda tokens: [prev, ind]
-    assert circuit_scores(model, batch) == {"prev_token_score": 1.0, "induction_score": 1.0}
+    assert circuit_scores(model, batch) == {"prev_token_score": 1.0, "prev_token_score_at_m": 1.0, "induction_score": 1.0}
 
 
 def test_training_runs_and_state_round_trips():
@@ -71,7 +71,13 @@ def test_smoke_run_end_to_end(tmp_path):
 
     cfg = load_config_file(Path(__file__).resolve().parents[2] / "configs" / "ih.py", "smoke")
     s = run_config(cfg, tmp_path / "run", tmp_path / "cache", quiet=True)
-    for k in ("target_accuracy", "target_prev_token_score", "target_induction_score", "accuracy/ci",
-              "accuracy/rounded_ci", "accuracy/unmasked", "ci_l0_final_token/blocks.1.attn.q", "n_alive/blocks.0.attn.k"):
+    for k in ("target_accuracy", "target_ce", "target_prev_token_score", "target_prev_token_score_at_m",
+              "target_induction_score", "ci_l0_final_token/blocks.1.attn.q", "ci_l0/blocks.0.attn.v",
+              "n_alive/blocks.0.attn.k", "attention_kl/0", "attention_kl_circuit/1", "qk_offset/0/active_corr",
+              "ablation/blocks.1.attn.k/M/induction", "ablation/blocks.0.attn.q/M/control_prev_at_m"):
         assert k in s, k
+    for masking in ("unmasked", "ci", "rounded_ci", "stochastic", "zero"):
+        assert 0.0 <= s[f"accuracy/{masking}"] <= 1.0 and s[f"ce/{masking}"] > 0.0
     assert s["steps"] == 6 and "final/loss/ci_masked_recon" in s
+    for fig in ("ih_attention", "ih_attention_offsets", "ih_ablation", "ih_qk_offset", "ih_ci_tokens"):
+        assert (tmp_path / "run" / f"{fig}.png").stat().st_size > 0, fig
