@@ -2,7 +2,7 @@
 
 SPD and APD configs alike (`configs/apd_*.py`). For each config (each in its own process, so peak
 memory is per config) prints: the trainable parameter count, compile time, the median step time and steps/s after warm-up (wall and process CPU time), peak RSS, XLA's FLOP count per
-step and the achieved FLOP/s. Targets are trained or loaded from the cache first (not timed).
+step and the achieved FLOP/s, and tokens/s for sequence targets (dict batches with `tokens`). Targets are trained or loaded from the cache first (not timed).
 
 `--devices=1,8` runs each config once per device count, sharded over a `(data, model)` mesh of that
 many devices (`data` = all devices / `--mesh_model`), each in its own process with
@@ -54,7 +54,18 @@ def _build(cfg, cache_dir: str, n_devices: int | None, mesh_model: int):
     step = make_train_step(
         method, opt, rc.optim.steps, exp.batch_fn, mesh=mesh, shardings=shardings, compute_dtype=rc.precision.compute
     )
-    return state, target, step, batch, mesh
+    return state, target, step, batch, mesh, _tokens_per_step(exp, batch)
+
+
+def _tokens_per_step(exp, batch) -> int | None:
+    """Tokens in one training batch for sequence targets (dict batches with `tokens`), else None."""
+    import jax
+
+    if batch is None and exp.batch_fn is not None:
+        batch = jax.eval_shape(exp.batch_fn, jax.random.key(0))
+    if isinstance(batch, dict) and "tokens" in batch:
+        return int(batch["tokens"].size)
+    return None
 
 
 def bench_one(
@@ -65,7 +76,7 @@ def bench_one(
     from spdjax.config import load_config_file
 
     cfg = load_config_file(config_path)
-    state, target, step, batch, mesh = _build(cfg, cache_dir, n_devices, mesh_model)
+    state, target, step, batch, mesh, tokens = _build(cfg, cache_dir, n_devices, mesh_model)
     n_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
 
     t0 = time.perf_counter()
@@ -96,6 +107,8 @@ def bench_one(
         "step_ms_min": min(wall) * 1e3,
         "step_cpu_ms_median": statistics.median(cpu) * 1e3,
         "steps_per_s": 1.0 / med,
+        "tokens_per_step": tokens,
+        "tokens_per_s": None if tokens is None else tokens / med,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "gflop_per_step": flops / 1e9,
         "achieved_gflop_s": flops / 1e9 / med,
@@ -135,11 +148,12 @@ def main() -> None:
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         where = "" if n is None else f" [{n} device(s), mesh {r['mesh']}]"
+        tok = "" if r.get("tokens_per_s") is None else f", {r['tokens_per_s']:.0f} tokens/s ({r['tokens_per_step']} per step)"
         print(
             f"{r['config']}{where} [{r['method']}, {r['n_params']} params]: {r['steps_per_s']:.1f} steps/s (median {r['step_ms_median']:.2f} ms, "
             f"min {r['step_ms_min']:.2f} ms, cpu {r['step_cpu_ms_median']:.2f} ms), compile {r['compile_s']:.2f} s, "
             f"peak RSS {r['peak_rss_mib']:.0f} MiB, {r['gflop_per_step']:.3f} GFLOP/step, "
-            f"{r['achieved_gflop_s']:.2f} GFLOP/s"
+            f"{r['achieved_gflop_s']:.2f} GFLOP/s{tok}"
         )
 
 

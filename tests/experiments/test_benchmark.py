@@ -20,3 +20,10 @@ def test_bench_apd_on_a_mesh(tmp_path):
     """One benchmark path for every method: APD steps shard over the data axis like SPD's."""
     r = bench_one("configs/apd_tms_5-2.py:smoke", steps=1, warmup=1, cache_dir=str(tmp_path), n_devices=len(jax.devices()))
     assert r["method"] == "apd" and r["mesh"] == f"data={len(jax.devices())} x model=1"
+
+
+def test_bench_counts_tokens_of_sequence_targets(tmp_path):
+    r = bench_one("configs/ih.py:smoke", steps=2, warmup=1, cache_dir=str(tmp_path))
+    assert r["tokens_per_step"] == 8 * 64  # smoke batch 8 x 64 positions
+    assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] * r["steps_per_s"])
+    assert bench_one("configs/tms_5-2.py:smoke", steps=1, warmup=1, cache_dir=str(tmp_path))["tokens_per_s"] is None
