@@ -93,3 +93,54 @@ def read_sidecar(sidecar: Path, npz: Path) -> dict:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def nnx_arrays(model) -> dict[str, np.ndarray]:
+    """An NNX model's parameters as `{keystr(path): array}` (what a cached target .npz holds)."""
+    import jax
+    from flax import nnx
+
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+
+
+def set_nnx_arrays(model, arrays: dict[str, np.ndarray]):
+    """`model` with its parameters replaced by `arrays` (as `nnx_arrays` names them); returns it."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))
+    new = []
+    for p, old in leaves:
+        a = arrays[jax.tree_util.keystr(p)]
+        if a.shape != old.shape:
+            raise ValueError(f"{jax.tree_util.keystr(p)}: cached shape {a.shape}, the model needs {old.shape}")
+        new.append(jnp.asarray(a, old.dtype))
+    nnx.update(model, jax.tree_util.tree_unflatten(treedef, new))
+    return model
+
+
+def cached_nnx_target(prefix: str, config: dict, cache_dir: Path, make: Callable, train: Callable) -> tuple:
+    """`(model, info)` from `cache_dir/<prefix>-<hash(config)>.npz` (+ `.json` sidecar with the config and
+    `info`) when present, else `train() -> (model, info)` and cached atomically. `make()` builds an
+    untrained model of the right shapes. `info` gains `cached` and `cache_file`."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    npz, sidecar = Path(cache_dir) / f"{prefix}-{key}.npz", Path(cache_dir) / f"{prefix}-{key}.json"
+    if npz.exists() and sidecar.exists():
+        info = read_sidecar(sidecar, npz)
+        try:
+            with np.load(npz, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+            model = set_nnx_arrays(make(), arrays)
+        except (*_UNREADABLE, TypeError) as e:
+            raise ValueError(f"target cache: {str(npz)!r} is damaged ({_one_line(e)}); {cache_remedy(sidecar)}") from None
+        return model, {**info, "cached": True, "cache_file": str(npz)}
+    model, info = train()
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    arrays = nnx_arrays(model)
+    atomic_write(npz, lambda f: np.savez(f, **arrays))
+    atomic_write(sidecar, lambda f: f.write(json.dumps({"config": config, "info": info}).encode()))
+    return model, {**info, "cached": False, "cache_file": str(npz)}

@@ -12,23 +12,19 @@ established yet (issue 25).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import spdjax
-from experiments.cache import atomic_write
+from experiments.cache import cached_nnx_target
 from experiments.ih.analysis import make_analyze
 from experiments.ih.data import sample
 from experiments.ih.model import InductionTransformer
 from experiments.ih.train_target import (
     IHTargetConfig,
     circuit_scores,
-    flat_state,
     from_flat_state,
     last_token_accuracy,
     train,
@@ -41,22 +37,9 @@ __all__ = ["IHTargetConfig", "InductionTransformer", "build", "load_or_train", "
 
 def load_or_train(cfg: IHTargetConfig, cache_dir: Path) -> tuple[InductionTransformer, dict]:
     """The trained target, from `cache_dir/ih-<hash>.npz` (+ .json) when present, else trained and cached."""
-    key = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
-    npz, sidecar = Path(cache_dir) / f"ih-{key}.npz", Path(cache_dir) / f"ih-{key}.json"
-    if npz.exists() and sidecar.exists():
-        try:
-            with np.load(npz, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-            info = json.loads(sidecar.read_text())["info"]
-            return from_flat_state(cfg, arrays), {**info, "cached": True, "cache_file": str(npz)}
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"target cache: {str(npz)!r} is damaged ({e}); delete it and {sidecar.name} to retrain") from None
-    model, info = train(cfg)
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    arrays = flat_state(model)
-    atomic_write(npz, lambda f: np.savez(f, **arrays))
-    atomic_write(sidecar, lambda f: f.write(json.dumps({"config": dataclasses.asdict(cfg), "info": info}).encode()))
-    return model, {**info, "cached": False, "cache_file": str(npz)}
+    return cached_nnx_target(
+        "ih", dataclasses.asdict(cfg), cache_dir, lambda: from_flat_state(cfg, None), lambda: train(cfg)
+    )
 
 
 def _last_position_mask(batch_size: int, T: int = 64) -> jnp.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments.cache import atomic_write
+from experiments.cache import atomic_write, nnx_arrays, set_nnx_arrays
 from experiments.ih.data import sample
 from experiments.ih.model import InductionTransformer, attention_scores
 
@@ -60,17 +60,13 @@ def last_token_accuracy(model: InductionTransformer, batch: dict) -> float:
 
 
 def flat_state(model: InductionTransformer) -> dict[str, np.ndarray]:
-    leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
-    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+    return nnx_arrays(model)
 
 
-def from_flat_state(cfg: IHTargetConfig, arrays: dict[str, np.ndarray]) -> InductionTransformer:
+def from_flat_state(cfg: IHTargetConfig, arrays: dict[str, np.ndarray] | None) -> InductionTransformer:
+    """A model of `cfg`'s shapes holding `arrays` (None: untrained)."""
     model = InductionTransformer(cfg.d_model, cfg.n_layers, rngs=nnx.Rngs(0))
-    state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    new = [jnp.asarray(arrays[jax.tree_util.keystr(p)]) for p, _ in leaves]
-    nnx.update(model, jax.tree_util.tree_unflatten(treedef, new))
-    return model
+    return model if arrays is None else set_nnx_arrays(model, arrays)
 
 
 def train(cfg: IHTargetConfig, progress: bool = True) -> tuple[InductionTransformer, dict]:
