@@ -16,7 +16,7 @@ Layout of a run config (configs/*.py show every field of their recipe):
     checkpoint_every: int (steps between checkpoints; default 1000), keep_checkpoints: int (default 3)
     eval_every: int (held-out evaluation: every loss term, CI-L0, ground-truth metrics; default 1000)
     figures_every: int (figures during training, into figures/step_N; 0 = only at the end)
-    mesh: {data, model}        # device mesh axis sizes (spdjax.sharding.MeshConfig; default: every device on data)
+    mesh: {data, model, shard_target}  # device mesh axis sizes, target weights sharded over data (spdjax.sharding.MeshConfig)
     precision: {param_dtype, compute_dtype}   # "float32" (default), "bfloat16", "float16"
 
 `parse_arg` is the one parser of config-file arguments (`--config=configs/x.py:2,paper,smoke`).

@@ -195,12 +195,13 @@ class Run:
         self.rc, self.exp, self.mesh, self.method = rc, exp, mesh, rc.method
         self.key = jax.random.key(rc.seed)
         self.optimizer = make_optimizer(rc.optim, *self.method.gradient_transforms(rc.optim))
-        self.target = sharding.place(exp.target, sharding.replicated(mesh))
+        target_shardings = sharding.target_shardings(exp.target, mesh, rc.mesh.shard_target)
+        self.target = sharding.place(exp.target, target_shardings)
         self.abstract = jax.eval_shape(self.fresh_state, self.target)
         self.shardings = sharding.state_shardings(self.abstract, mesh, self.method)  # raises if mesh.model does not divide a C
         self.step_fn = make_train_step(
             self.method, self.optimizer, rc.optim.steps, exp.batch_fn, make_schedule(rc.optim), mesh=mesh,
-            shardings=self.shardings, compute_dtype=rc.precision.compute,
+            shardings=self.shardings, compute_dtype=rc.precision.compute, target_shardings=target_shardings,
         )
         self._eval_metrics = jax.jit(self.method.eval_metrics, out_shardings=sharding.replicated(mesh))
 

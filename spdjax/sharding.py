@@ -9,7 +9,8 @@ C of every site is sharded over `model` ("FSDP style"):
 - CI functions `mlp` / `vector_mlp` (one MLP per subcomponent): every weight `(C, fan_in, fan_out)` and
   bias `(C, fan_out)` -> `P('model', ...)`; `shared_mlp` (one MLP per site): the output layer's
   weight `(fan_in, C)` -> `P(None, 'model')` and bias `(C,)` -> `P('model')`, hidden layers replicated;
-- everything else (step, PRNG key, Adam's counts, the target) replicated.
+- everything else (step, PRNG key, Adam's counts) replicated; the target's frozen weights replicated,
+  or with `mesh.shard_target` sharded over `data` (`target_shardings`).
 
 A C not divisible by the `model` axis size is an error naming the site. The loss itself
 (`spdjax.loss_fn`) knows nothing of this: it is jitted with these input/output shardings and XLA's
@@ -43,7 +44,8 @@ DATA, MODEL = "data", "model"
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh axis sizes: `data` (batch) and `model` (subcomponent axis C).
+    """Mesh axis sizes: `data` (batch) and `model` (subcomponent axis C); `shard_target`: the target's
+    frozen weights sharded over `data` (`target_shardings`) instead of replicated.
 
     `data=0` (the default): every device not on the `model` axis, or, where the batch sizes do not
     divide that, the largest count that divides both (one process only). `-1`: all remaining devices
@@ -52,8 +54,11 @@ class MeshConfig:
 
     data: int = 0
     model: int = 1
+    shard_target: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.shard_target, bool):
+            raise ValueError(f"config.mesh.shard_target must be true or false, got {self.shard_target!r}")
         for f in ("data", "model"):
             v = getattr(self, f)
             low = 0 if f == "data" else 1
@@ -118,6 +123,28 @@ def make_mesh(cfg: MeshConfig | None = None, devices=None, batch_sizes: tuple[in
     if data * model == len(devices):
         return jax.make_mesh((data, model), (DATA, MODEL), auto, devices=devices)
     return Mesh(np.asarray(devices[: data * model]).reshape(data, model), (DATA, MODEL), axis_types=auto)
+
+
+def target_shardings(target: Any, mesh: Mesh, shard: bool = False) -> Any:
+    """Shardings of a `Target`'s frozen weights: replicated, or with `shard` each array's largest axis
+    divisible by the `data` axis size sharded over `data` (FSDP: XLA gathers a weight where it is used;
+    arrays with no such axis stay replicated). The step takes the target as an argument, so either way
+    the weights are data, never constants of the compiled program."""
+    rep = replicated(mesh)
+    n = mesh.shape[DATA]
+    if not shard or n == 1:
+        return jax.tree.map(lambda _: rep, target)
+
+    def one(x):
+        shape = tuple(getattr(x, "shape", ()))
+        axes = sorted((i for i, d in enumerate(shape) if d % n == 0), key=lambda i: -shape[i])
+        if not axes:
+            return rep
+        parts = [None] * len(shape)
+        parts[axes[0]] = DATA
+        return NamedSharding(mesh, P(*parts))
+
+    return jax.tree.map(one, target)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -54,6 +54,7 @@ def make_train_step(
     mesh: jax.sharding.Mesh | None = None,
     shardings: Any = None,
     compute_dtype=None,
+    target_shardings: Any = None,
 ):
     """`step(state, target, batch=None) -> (state, metrics)`, jitted with the state donated.
 
@@ -64,8 +65,8 @@ def make_train_step(
     while the optimiser updates the parameters in their own dtype (master weights); None: no cast.
 
     With a `mesh` (spdjax.sharding), the step is jitted with `shardings` (the state's, from
-    `spdjax.sharding.state_shardings`) as the state's input and output shardings, the target and the
-    metrics replicated, and the batch sharded over the `data` axis: a sampled batch is constrained
+    `spdjax.sharding.state_shardings`) as the state's input and output shardings, the target on
+    `target_shardings` (default replicated; `spdjax.sharding.target_shardings`), the metrics replicated, and the batch sharded over the `data` axis: a sampled batch is constrained
     to it inside the step, so it is drawn as one global array (the same for any device count).
     """
     if mesh is not None and shardings is None:
@@ -104,7 +105,7 @@ def make_train_step(
     rep = sharding.replicated(mesh)
     jitted = jax.jit(
         step,
-        in_shardings=(shardings, rep, sharding.batch_sharding(mesh)),
+        in_shardings=(shardings, rep if target_shardings is None else target_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(shardings, rep),
         donate_argnums=0,
     )

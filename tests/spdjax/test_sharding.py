@@ -186,7 +186,7 @@ def _cfg(**mesh):
         (dict(model=-2), "config.mesh.model must be -1"),
         (dict(data=-1, model=-1), "config.mesh: at most one of data, model may be -1"),
         (dict(data=True), "config.mesh.data must be of type"),
-        (dict(data=2, pods=2), "config.mesh: unknown field(s) ['pods']; allowed: ['data', 'model']"),
+        (dict(data=2, pods=2), "config.mesh: unknown field(s) ['pods']; allowed: ['data', 'model', 'shard_target']"),
     ],
 )
 def test_mesh_config_errors(mesh, message):
@@ -235,6 +235,35 @@ def test_run_resumes_onto_another_mesh(tmp_path):
     assert run(cfg(data=4, model=2), tmp_path / "b", cache, quiet=True, stop_at_step=5) is None
     summary = run(cfg(data=8, model=1), tmp_path / "b", cache, quiet=True)
     assert summary["steps"] == 10
+    a, b = (load_file(str(tmp_path / d / "decomposition" / "decomposition.safetensors")) for d in "ab")
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_target_shardings_split_the_largest_divisible_axis(target):
+    mesh = mesh_of("data8")
+    rep = sh.target_shardings(target, mesh)
+    assert all(s.spec == P() for s in jax.tree.leaves(rep))
+    fsdp = sh.target_shardings(target, mesh, shard=True)
+    specs = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(fsdp)}
+    assert all(v == P() for v in specs.values())  # (6, 12), (12, 6), (12,), (6,): no axis divisible by 8
+    tree = sh.target_shardings({"w": jnp.zeros((16, 8)), "b": jnp.zeros((3,)), "e": jnp.zeros((8, 64))}, mesh, True)
+    assert tree["w"].spec == P("data", None) and tree["e"].spec == P(None, "data") and tree["b"].spec == P()
+
+
+def test_run_with_the_target_sharded_over_data_equals_one_device(tmp_path):
+    """mesh.shard_target: the target's weights split over `data` (FSDP), the same trained decomposition."""
+    from helpers import run_config as run
+    from safetensors.numpy import load_file
+
+    def cfg(**mesh):
+        c = _cfg(**mesh)
+        c.eval_every = 10
+        return c
+
+    cache = tmp_path / "cache"
+    run(cfg(data=1, model=1), tmp_path / "a", cache, quiet=True)
+    run(cfg(data=8, model=1, shard_target=True), tmp_path / "b", cache, quiet=True)
     a, b = (load_file(str(tmp_path / d / "decomposition" / "decomposition.safetensors")) for d in "ab")
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=k)
