@@ -101,4 +101,4 @@ def faithfulness_loss(
         c = components[s.name]
         num = num + jnp.sum((kernels[s.name] - c.V @ c.U) ** 2)
         den += kernels[s.name].size
-    return num / den
+    return num / float(den)  # a Python int above 2**31 would overflow as a weakly typed int32 argument
