@@ -97,6 +97,7 @@ class LossConfig:
     output_loss: str = "mse"
     ci_l0_threshold: float = 0.1
     remat: bool = False  # masked forward passes and CI functions under jax.checkpoint (recomputed in backward)
+    vocab_chunk: int | None = None  # KL over the last axis in chunks of this many entries (large vocabularies)
     flat_defaults: tuple[tuple[str, Any], ...] = ()
 
     def __init__(self, terms=None, *, coeffs=None, flat_defaults=(), **kwargs):
@@ -138,6 +139,9 @@ class LossConfig:
         for f in ("use_delta_component", "remat"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"loss.{f} must be a bool, got {getattr(self, f)!r}")
+        vc = self.vocab_chunk
+        if vc is not None and (isinstance(vc, bool) or not isinstance(vc, int) or vc < 1):
+            raise ValueError(f"loss.vocab_chunk must be None or an int >= 1, got {vc!r}")
 
     # ------------------------------------------------------------------ reading it
 

@@ -26,6 +26,7 @@ DIVERGENCES = ("mse", "kl")
 LOSS_MASK = "loss_mask"  # key of a per-position weight in a dict batch (sequence models)
 
 _POSITION_WEIGHT: contextvars.ContextVar[Array | None] = contextvars.ContextVar("spdjax_position_weight", default=None)
+_VOCAB_CHUNK: contextvars.ContextVar[int | None] = contextvars.ContextVar("spdjax_vocab_chunk", default=None)
 
 
 @contextlib.contextmanager
@@ -37,6 +38,43 @@ def position_weights(weight: Array | None) -> Iterator[None]:
         yield
     finally:
         _POSITION_WEIGHT.reset(token)
+
+
+@contextlib.contextmanager
+def vocab_chunks(chunk: int | None) -> Iterator[None]:
+    """Inside this block (at trace time), `divergence`'s KL runs over the last axis in chunks of `chunk`
+    entries (`kl_chunked`); None: in one piece."""
+    token = _VOCAB_CHUNK.set(chunk)
+    try:
+        yield
+    finally:
+        _VOCAB_CHUNK.reset(token)
+
+
+def kl_chunked(pred: Float[Array, "*lead V"], target: Float[Array, "*lead V"], chunk: int) -> Float[Array, "*lead"]:
+    """KL(softmax(target) || softmax(pred)) over the last axis, computed `chunk` entries at a time
+    (`lax.map` over chunks, each under `jax.checkpoint`): no temporary of the full `(*lead, V)` size
+    besides the inputs, in the forward or the backward pass. Uses
+    KL = sum_v softmax(t)_v (t_v - p_v) - lse(t) + lse(p)."""
+    V = pred.shape[-1]
+    n = -(-V // chunk)
+    pad = n * chunk - V
+    low = jnp.finfo(pred.dtype).min  # padded entries: weight exp(low - lse) = 0 and t - p = 0
+
+    def split(x):
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=low) if pad else x
+        return jnp.moveaxis(x.reshape(x.shape[:-1] + (n, chunk)), -2, 0)  # (n, *lead, chunk)
+
+    tc, pc = split(target), split(pred)
+    lse = lambda c: jax.scipy.special.logsumexp(jax.lax.map(jax.checkpoint(lambda x: jax.scipy.special.logsumexp(x, -1)), c), 0)  # noqa: E731
+    lse_t, lse_p = lse(tc), lse(pc)
+
+    @jax.checkpoint
+    def part(tp):
+        t, p = tp
+        return jnp.sum(jnp.exp(t - lse_t[..., None]) * (t - p), -1)
+
+    return jnp.sum(jax.lax.map(part, (tc, pc)), 0) - lse_t + lse_p
 
 
 def batch_position_weight(batch: Any) -> Array | None:
@@ -52,7 +90,7 @@ def _maybe_remat(fn, remat: bool):
 
 def divergence(kind: str, pred: Array, target: Array) -> Float[Array, ""]:
     """D(pred, target): `mse` (mean over elements) or `kl` (KL(target || pred) over the last axis,
-    averaged over the other axes). Inside `position_weights(w)`, the per-position values (`mse`: the
+    averaged over the other axes; inside `vocab_chunks(n)` computed by `kl_chunked`). Inside `position_weights(w)`, the per-position values (`mse`: the
     mean over the last axis) are averaged with the weights `w: (*lead)` instead."""
     if kind not in DIVERGENCES:
         raise ValueError(f"output_loss: unknown divergence {kind!r}; allowed: {list(DIVERGENCES)}")
@@ -61,6 +99,10 @@ def divergence(kind: str, pred: Array, target: Array) -> Float[Array, ""]:
         if w is None:
             return jnp.mean((pred - target) ** 2)
         per = jnp.mean((pred - target) ** 2, axis=-1)
+    elif _VOCAB_CHUNK.get() is not None:
+        per = kl_chunked(pred, target, _VOCAB_CHUNK.get())
+        if w is None:
+            return jnp.mean(per)
     else:
         lt = jax.nn.log_softmax(target, axis=-1)
         lp = jax.nn.log_softmax(pred, axis=-1)

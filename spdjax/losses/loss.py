@@ -9,7 +9,7 @@ from jaxtyping import Array, Float
 
 from spdjax.decomposition import SPDParams, check_params
 from spdjax.losses.config import LossConfig
-from spdjax.losses.forward import batch_position_weight, clean_forward, compute_ci, position_weights
+from spdjax.losses.forward import batch_position_weight, clean_forward, compute_ci, position_weights, vocab_chunks
 from spdjax.losses.registry import TERMS, LossContext, TermOptions
 from spdjax.losses.terms import annealed_p
 from spdjax.targets.base import Target
@@ -58,7 +58,7 @@ def loss_fn(
             todo.append((name, config.options_for(name) if opts is None else opts))
     metrics: dict[str, Array] = {}
     total = jnp.zeros((), jnp.float32)
-    with position_weights(batch_position_weight(batch)):
+    with position_weights(batch_position_weight(batch)), vocab_chunks(config.vocab_chunk):
         for name, opts in todo:
             value = TERMS[name](ctx, opts)
             metrics[f"loss/{name}"] = value
