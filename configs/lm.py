@@ -54,6 +54,7 @@ def get_config(arg=None):
         cfg.ci = dict(type="shared_mlp", hidden=(1024,))
         cfg.batch_size = 8
         cfg.loss.remat = True
+        cfg.loss.vocab_chunk = 16_384
         cfg.precision = dict(param_dtype="float32", compute_dtype="bfloat16")
     if a.smoke:
         cfg.target.update(vocab_size=256, d_model=32, n_heads=2, n_kv_heads=1, d_mlp=64, seq_len=32, batch_size=16,

@@ -65,6 +65,6 @@ def build(run, cache_dir: Path) -> Experiment:
     return Experiment(
         target=target,
         host_data=GrainData(train, lambda index: {"tokens": held[rank::n_proc]}),
-        analyze=make_analyze({"tokens": held}, run.seed),
+        analyze=make_analyze({"tokens": held}, run.seed, all_held=data.windows(corpus.held_out, tcfg.seq_len)),
         info=flat,
     )

@@ -5,12 +5,14 @@ Maskings (all sites at once): `unmasked` (masks 1), `ci` (masks = CI), `rounded`
 `stochastic` (g + (1 - g) r, r ~ U(0, 1)), `random` (masks ~ U(0, 1)), `zero` (masks 0). For each:
 `ce/<masking>` (next-token CE, nats), `kl/<masking>` (KL(target || masked) of the next-token
 distributions) and `ce_unrecovered/<masking>` = (ce - ce_target) / (ce_zero - ce_target). Also
-`target_ce`, `ci_l0/<site>` and `ci_l0_layer/<l>` (per token, CI above the run's threshold), and
-`n_alive_mean_ci/<site>` (mean CI over the held-out tokens above 1e-6).
+`target_ce`, `ci_l0/<site>` and `ci_l0_layer/<l>` (per token, CI above the run's threshold),
+`n_alive_mean_ci/<site>` (mean CI over every held-out token, `n_mean_ci_tokens` of them, above 1e-6)
+and the figure `ci_spectrum.png` (each site's mean CI per subcomponent, sorted).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.lm.model import next_token_ce
-from spdjax.losses import masked_forward
+from spdjax.losses import clean_forward, compute_ci, masked_forward
 from spdjax.masks import SiteMask, sample_r, stochastic_mask
 
 MASKINGS = ("unmasked", "ci", "rounded", "stochastic", "random", "zero")
@@ -33,9 +35,17 @@ def next_token_kl(target_logits, logits) -> jax.Array:
     return jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1))
 
 
-def make_analyze(held: dict, seed: int):
-    """`analyze(params, target, workdir, loss) -> flat summary dict` (module docstring)."""
+def make_analyze(held: dict, seed: int, all_held: np.ndarray | None = None, chunk: int = 64):
+    """`analyze(params, target, workdir, loss) -> flat summary dict` (module docstring). `held`: the eval
+    batch; `all_held`: every held-out window `(n, T)` for the mean CI (default: the eval batch)."""
     tokens = jnp.asarray(held["tokens"])
+    all_held = np.asarray(held["tokens"]) if all_held is None else all_held
+
+    @functools.partial(jax.jit, static_argnames="sigmoid")
+    def ci_sums(params, target, batch_tokens, sigmoid):
+        _, inputs = clean_forward(target, {"tokens": batch_tokens})
+        ci = compute_ci(params, target, inputs, sigmoid).lower
+        return {n: jnp.sum(g.reshape(-1, g.shape[-1]).astype(jnp.float32), 0) for n, g in ci.items()}
 
     @jax.jit
     def evaluate(params, target, masks, target_logits):
@@ -43,6 +53,14 @@ def make_analyze(held: dict, seed: int):
         return {"ce": next_token_ce(logits, tokens), "kl": next_token_kl(target_logits, logits)}
 
     target_forward = jax.jit(lambda params, target: masked_forward(params, target, {"tokens": tokens}, {}))
+
+    def mean_ci(params, target, sigmoid: str) -> tuple[dict[str, np.ndarray], int]:
+        sums, n = None, 0
+        for i in range(0, len(all_held), chunk):
+            part = jax.device_get(ci_sums(params, target, jnp.asarray(all_held[i : i + chunk]), sigmoid))
+            sums = part if sums is None else {k: sums[k] + part[k] for k in sums}
+            n += all_held[i : i + chunk].size
+        return {k: v / n for k, v in sums.items()}, n
 
     def analyze(params, target, workdir: Path | None, loss) -> dict:
         from spdjax import metrics
@@ -69,14 +87,34 @@ def make_analyze(held: dict, seed: int):
             out[f"ce/{k}"], out[f"kl/{k}"] = float(r["ce"]), float(r["kl"])
             out[f"ce_unrecovered/{k}"] = (float(r["ce"]) - ce_t) / gap if gap > 0 else float("nan")
         layers: dict[str, list[float]] = {}
+        means, n_tokens = mean_ci(params, target, loss.sigmoid)
+        out["n_mean_ci_tokens"] = int(n_tokens)
         for n, g in ci.items():
             g = np.asarray(g)
             out[f"ci_l0/{n}"] = float(np.mean(np.sum(g > loss.ci_l0_threshold, -1)))
-            out[f"n_alive_mean_ci/{n}"] = int(np.sum(g.reshape(-1, g.shape[-1]).mean(0) > MEAN_CI_ALIVE))
+            out[f"n_alive_mean_ci/{n}"] = int(np.sum(means[n] > MEAN_CI_ALIVE))
             layers.setdefault(n.split(".")[1] if n.startswith("blocks.") else "other", []).append(out[f"ci_l0/{n}"])
         for layer, vals in layers.items():
             out[f"ci_l0_layer/{layer}"] = float(sum(vals))
         out["ci_l0_total"] = float(sum(sum(v) for v in layers.values()))
+        if workdir is not None:
+            spectrum_figure(means, Path(workdir) / "ci_spectrum.png")
         return out
 
     return analyze
+
+
+def spectrum_figure(means: dict[str, np.ndarray], path: Path) -> None:
+    """Each site's mean CI per subcomponent, sorted (log scale)."""
+    from spdjax import plots
+
+    plt = plots._plt()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for n, m in means.items():
+        ax.plot(np.sort(np.asarray(m))[::-1], lw=1, label=n.replace("blocks.", "L"))
+    ax.set_yscale("log")
+    ax.axhline(MEAN_CI_ALIVE, color="gray", ls=":", lw=0.8)
+    ax.set_xlabel("subcomponent (sorted)")
+    ax.set_ylabel("mean CI over held-out tokens")
+    ax.legend(fontsize=6, ncol=2)
+    plots._save(fig, path)

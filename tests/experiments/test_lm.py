@@ -16,5 +16,6 @@ def test_smoke_run_end_to_end(tmp_path):
         assert s[f"ce/{m}"] > 0 and s[f"kl/{m}"] >= 0, m
     assert s["ce_unrecovered/zero"] == 1.0 and s["target_ce"] < s["ce/zero"]
     assert s["target/ce"] < s["target/unigram_ce"]
+    assert s["n_mean_ci_tokens"] > 8 * 32 and (tmp_path / "run" / "ci_spectrum.png").exists()
     for k in ("ci_l0/blocks.1.mlp.down_proj", "ci_l0_layer/0", "n_alive_mean_ci/blocks.0.attn.q", "n_alive/blocks.0.attn.v"):
         assert k in s, k
