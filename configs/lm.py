@@ -63,5 +63,6 @@ def get_config(arg=None):
         cfg.ci = dict(type="shared_mlp", hidden=(16,))
         cfg.optim.update(steps=4, faithfulness_warmup_steps=2)
         cfg.batch_size = cfg.eval_batch_size = 8
-        cfg.log_every = cfg.checkpoint_every = cfg.eval_every = 2
+        cfg.log_every = cfg.checkpoint_every = 2
+        cfg.eval_every = 4  # the analysis once, at the end
     return cfg
