@@ -2,7 +2,7 @@
 
 Main recipe (found on this 2-core CPU, docs/results.md "Induction-head toy"): C = 32 per site, CI
 `shared_mlp` [64] (per token), faithfulness 100, CI-masked recon 1, stochastic recon 1, layerwise 1,
-importance minimality 3e-2 with p = 0.1, KL on the last position, batch 64, lr 1e-3 constant, 200-step
+importance minimality 0.1 with p = 0.1, KL on the last position, batch 64, lr 1e-3 constant, 200-step
 faithfulness warm-up, 10k steps; the analysis uses 2048 held-out sequences. The target trains to 0.99
 last-token accuracy (up to 100k steps; ~1500 here) and is cached.
 
@@ -34,7 +34,7 @@ def get_config(arg=None):
             ci_masked_recon=dict(coeff=1.0),
             stochastic_recon=dict(coeff=1.0),
             stochastic_recon_layerwise=dict(coeff=1.0),
-            importance_minimality=dict(coeff=3e-2, pnorm=0.1),
+            importance_minimality=dict(coeff=0.1, pnorm=0.1),
         ),
         use_delta_component=False, output_loss="kl", sigmoid="leaky_hard", ci_l0_threshold=0.1,
     )
