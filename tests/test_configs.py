@@ -19,7 +19,8 @@ VARIANTS = {
     "apd_tms_40-10": ["", "smoke"],
     "apd_resid_mlp": ["", "1", "2", "smoke", "2,smoke", "1,tuned", "1,tuned,smoke"],
     "sparse_linear": ["", "smoke"],
-    "ih": ["", "smoke"],
+    "ih": ["", "smoke", "reference"],
+    "lm": ["", "smoke", "1b", "llama3_8b"],
 }
 CASES = [(n, a) for n, args in VARIANTS.items() for a in args]
 

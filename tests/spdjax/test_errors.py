@@ -32,7 +32,7 @@ CASES = [
 
 CASES += [
     ("--config.method=apd", "config: unknown field(s) ['ci', 'loss'] for method 'apd' (['ci', 'loss'] belong to another method)"),
-    ("--config.experiment=nope", "config.experiment: unknown family 'nope'; allowed: ['ih', 'resid_mlp', 'sparse_linear', 'tms']"),
+    ("--config.experiment=nope", "config.experiment: unknown family 'nope'; allowed: ['ih', 'lm', 'resid_mlp', 'sparse_linear', 'tms']"),
     ("--config.precision.compute_dtype=int8", "config.precision.compute_dtype: unknown 'int8'"),
     ("--config.mesh.data=-2", "config.mesh.data must be 0 (auto), -1 (all remaining devices) or an int >= 1, got -2"),
     ("--config.loss.terms.stochastic_recon.n_steps=2", "unknown config field 'n_steps'"),
