@@ -1,12 +1,11 @@
 """The induction-head toy (transformers.md): the 2-layer attention-only target (`model`), its task
-(`data`), its training with the circuit check (`train_target`) and the family's `build`.
+(`data`), its training with the circuit check (`train_target`), what a decomposition found
+(`analysis`) and the family's `build`.
 
 Batches are dicts `{"tokens": (B, 64), "loss_mask": (B, 64)}` with the loss mask on the last position
-only (the spec's KL on the last token); the target's call reads `tokens`. The analysis reports the
-last-token accuracy of the target and of the decomposed model with all masks 1, masks = CI and
-rounded CI (CI > 0), CI-L0 per site on the final token, and the target's circuit scores.
-`configs/ih.py` starts from the reference's last recipe; a recipe that succeeds on this CPU is not
-established yet (issue 25).
+only (the spec's KL on the last token); the target's call reads `tokens`. The held-out eval batch
+(`eval_batch_size` sequences) is the one the analysis uses. `configs/ih.py` holds the recipe that
+succeeds on this CPU (docs/results.md).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from experiments.ih.model import attention_scores, sinusoidal
-from spdjax import plots
+from spdjax import metrics, plots
 from spdjax.losses import masked_forward
 from spdjax.masks import SiteMask, sample_r, stochastic_mask
 from spdjax.targets.base import Target
@@ -108,10 +108,6 @@ def qk_offset_scores(
     return G[:, :, None] * jnp.stack(cols, -1)
 
 
-def _patterns_target(target: Target, pattern_apply) -> Target:
-    return dataclasses.replace(target, apply_fn=pattern_apply)
-
-
 def make_analyze(held: dict, target_acc: float, target_info: dict, pattern_apply, d_model: int, seed: int):
     """`analyze(params, target, workdir, loss) -> flat summary dict` (module docstring), figures into
     `workdir`. `held`: held-out `{"tokens", "label", "m_pos"}`; `pattern_apply`: the target's `apply_fn`
@@ -163,9 +159,7 @@ def make_analyze(held: dict, target_acc: float, target_info: dict, pattern_apply
         return out
 
     def analyze(params, target: Target, workdir: Path | None, loss) -> dict:
-        from spdjax import metrics
-
-        tp = _patterns_target(target, pattern_apply)
+        tp = dataclasses.replace(target, apply_fn=pattern_apply)  # same params and sites, returns patterns too
         ci = metrics.batch_ci(params, target, {"tokens": tokens}, loss.sigmoid)
         ci = {s.name: jnp.asarray(ci[s.name]) for s in target.sites}  # model order: q, k, v, o per layer
         thr = loss.ci_l0_threshold

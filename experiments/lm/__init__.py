@@ -54,8 +54,7 @@ def build(run, cache_dir: Path) -> Experiment:
     target = spdjax.from_nnx(model, sites=run.sites, tied=dict(run.tied), identity=run.identity or (), call=_call)
     n_proc, rank = jax.process_count(), jax.process_index()
     train = data.train_dataset(corpus.train, tcfg.seq_len, run.batch_size, run.seed, rank, n_proc)
-    held = held_windows(corpus, dataclass_from(LMTargetConfig, {**to_dict(run.target, "target"),
-                                                                "eval_windows": run.eval_batch_size}, "target"))
+    held = held_windows(corpus, tcfg, run.eval_batch_size)
     if len(held) < run.eval_batch_size:
         raise ValueError(f"config.eval_batch_size={run.eval_batch_size}: the held-out plays give only {len(held)} "
                          f"windows of {tcfg.seq_len} tokens")

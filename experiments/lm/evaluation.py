@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.lm.model import next_token_ce
+from spdjax import metrics
 from spdjax.losses import clean_forward, compute_ci, masked_forward
 from spdjax.masks import SiteMask, sample_r, stochastic_mask
 
@@ -63,8 +64,6 @@ def make_analyze(held: dict, seed: int, all_held: np.ndarray | None = None, chun
         return {k: v / n for k, v in sums.items()}, n
 
     def analyze(params, target, workdir: Path | None, loss) -> dict:
-        from spdjax import metrics
-
         ci = {n: jnp.asarray(g) for n, g in metrics.batch_ci(params, target, {"tokens": tokens}, loss.sigmoid).items()}
         target_logits = target_forward(params, target)
         key = jax.random.key(seed + 0xE7A1)

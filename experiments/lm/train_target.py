@@ -86,9 +86,10 @@ def zero_ablated(model: LlamaLM) -> LlamaLM:
     return out
 
 
-def held_windows(corpus: data.Corpus, cfg: LMTargetConfig) -> np.ndarray:
+def held_windows(corpus: data.Corpus, cfg: LMTargetConfig, n: int | None = None) -> np.ndarray:
+    """`n` (default `cfg.eval_windows`) held-out windows, a fixed random choice in document order."""
     w = data.windows(corpus.held_out, cfg.seq_len)
-    idx = np.random.default_rng(10_000 + cfg.seed).permutation(len(w))[: cfg.eval_windows]
+    idx = np.random.default_rng(10_000 + cfg.seed).permutation(len(w))[: cfg.eval_windows if n is None else n]
     return w[np.sort(idx)]
 
 
