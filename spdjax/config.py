@@ -115,19 +115,31 @@ def load_config_file(spec: str | pathlib.Path, arg: str | None = None) -> ml_col
 
 
 
-def parse_arg(arg: str | None, config: str, flags: tuple[str, ...] = (), **choices: tuple) -> SimpleNamespace:
-    """The argument of a config file's `get_config(arg)`: comma-separated words, each a flag or one value
-    of a choice. `choices` map a name to its allowed values, the first being the default (None: no
-    default). E.g. `parse_arg("2,smoke", "resid_mlp", ("smoke", "paper"), layers=("1", "2", "3"))` ->
+def parse_arg(arg: str | None, config: str, flags: tuple[str, ...] = (), named: tuple[str, ...] = (),
+              **choices: tuple) -> SimpleNamespace:
+    """The argument of a config file's `get_config(arg)`: comma-separated words, each a flag, one value
+    of a choice, or `name=value` for a name in `named` (a free string, None when absent). `choices` map a
+    name to its allowed values, the first being the default (None: no default). E.g.
+    `parse_arg("2,smoke", "resid_mlp", ("smoke", "paper"), layers=("1", "2", "3"))` ->
     `namespace(smoke=True, paper=False, layers="2")`. One-line errors name the config file."""
     parts = [p.strip() for p in str(arg or "").split(",") if p.strip()]
     out = {f: False for f in flags}
+    out.update({name: None for name in named})
     out.update({name: values[0] for name, values in choices.items()})
     seen: set[str] = set()
     words = list(flags) + [v for values in choices.values() for v in values if v is not None]
+    words += [f"{n}=..." for n in named]
     for p in parts:
         if p in flags:
             out[p] = True
+            continue
+        name, eq, value = p.partition("=")
+        if eq and name.strip() in named:
+            name = name.strip()
+            if name in seen or not value.strip():
+                raise ValueError(f"configs/{config}.py: {name}= needs one non-empty value, got {arg!r}")
+            seen.add(name)
+            out[name] = value.strip()
             continue
         group = next((name for name, values in choices.items() if p in values), None)
         if group is None:

@@ -39,7 +39,7 @@ class LMTargetConfig:
     d_mlp: int = 512
     seq_len: int = 128
     batch_size: int = 32
-    steps: int = 3000
+    steps: int = 2000
     lr: float = 3e-3
     warmup_steps: int = 200
     weight_decay: float = 0.1

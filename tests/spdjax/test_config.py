@@ -206,3 +206,16 @@ def test_load_config_file(tmp_path):
     (tmp_path / "empty.py").write_text("x = 1\n")
     with pytest.raises(ValueError, match="no get_config"):
         config_lib.load_config_file(tmp_path / "empty.py")
+
+
+def test_parse_arg_flags_choices_and_named_values():
+    from spdjax.config import parse_arg
+
+    a = parse_arg("2, smoke,layers=3-5", "x", ("smoke", "paper"), named=("layers",), n=("1", "2"))
+    assert (a.smoke, a.paper, a.n, a.layers) == (True, False, "2", "3-5")
+    b = parse_arg(None, "x", ("smoke",), named=("layers",), n=("1", "2"))
+    assert (b.smoke, b.n, b.layers) == (False, "1", None)
+    for bad, msg in (("3", "unknown argument '3'"), ("1,2", "at most one value"), ("layers=", "needs one"),
+                     ("layers=1,layers=2", "needs one"), ("depth=2", "unknown argument")):
+        with pytest.raises(ValueError, match=msg):
+            parse_arg(bad, "x", ("smoke",), named=("layers",), n=("1", "2"))

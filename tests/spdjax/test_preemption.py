@@ -5,7 +5,6 @@ Every run here is a `launch.py`-like subprocess on the tms_5-2 smoke config."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,84 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from helpers import ROOT, SUBPROCESS_ENV, fault_session, jsonl_records, saved_params
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+ENV = SUBPROCESS_ENV
 
-# Runs the smoke config (24 steps; log every 4, checkpoint and evaluate every 8) and SIGKILLs itself at
-# the point named by argv[3]: "save:S" right after the asynchronous save of step S started, "eval:S"
-# after the evaluation of step S was computed but before its row was written, "log:S" right after the
-# metrics line of step S; "" runs to the end.
-SCRIPT = r"""
-import os, signal, sys
-from pathlib import Path
-import experiments
-from spdjax import runner
-from spdjax.checkpoint import Checkpointer
-from spdjax.config import load_config_file
-
-workdir, cache, kill, root = sys.argv[1:5]
-cfg = load_config_file(Path(root) / "configs" / "tms_5-2.py", "smoke")
-cfg.optim.steps, cfg.log_every, cfg.checkpoint_every, cfg.eval_every = 24, 4, 8, 8
-kind, _, at = kill.partition(":")
-at = int(at or 0)
-
-
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-if kind == "save":
-    save = Checkpointer.save
-
-    def patched(self, state, extra=None):
-        save(self, state, extra)
-        if int(state.step) == at:
-            die()
-
-    Checkpointer.save = patched
-elif kind == "eval":
-    evaluate = runner.Run.evaluate
-
-    def patched(self, params, step, figures, lead):
-        out = evaluate(self, params, step, figures, lead)
-        if step == at:
-            die()
-        return out
-
-    runner.Run.evaluate = patched
-elif kind == "log":
-    on_log = runner.Session.on_log
-
-    def patched(self, record):
-        on_log(self, record)
-        if record.step == at:
-            die()
-
-    runner.Session.on_log = patched
-runner.run(cfg, workdir, experiments.builder(cache), runner.RunOptions(quiet=True))
-"""
+# The tms_5-2 smoke config, 24 steps; log every 4, checkpoint and evaluate every 8.
+SMOKE = (ROOT / "configs" / "tms_5-2.py", "smoke", {"optim.steps": 24, "log_every": 4, "checkpoint_every": 8,
+                                                    "eval_every": 8})
 
 
 def _session(workdir: Path, cache: Path, kill: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(workdir), str(cache), kill, str(ROOT)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env=ENV,
-    )
-
-
-def _records(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        rec.pop("wall_time_s", None)
-        out.append(rec)
-    return out
-
-
-def _params(workdir: Path) -> dict:
-    return load_file(str(workdir / "decomposition" / "decomposition.safetensors"))
+    return fault_session(workdir, cache, kill, *SMOKE, env=ENV)
 
 
 def test_fault_injection_matches_an_uninterrupted_run(tmp_path):
@@ -104,13 +36,13 @@ def test_fault_injection_matches_an_uninterrupted_run(tmp_path):
         assert proc.returncode == -signal.SIGKILL, (kill, proc.stderr[-2000:])
     last = _session(wd, cache)
     assert last.returncode == 0, last.stderr[-2000:]
-    a, b = _params(tmp_path / "full"), _params(wd)
+    a, b = saved_params(tmp_path / "full"), saved_params(wd)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     for name in ("metrics.jsonl", "eval.jsonl"):
-        want, got = _records(tmp_path / "full" / name), _records(wd / name)
+        want, got = jsonl_records(tmp_path / "full" / name), jsonl_records(wd / name)
         assert [r["step"] for r in got] == [r["step"] for r in want], name
         assert got == want, name
-    assert [r["step"] for r in _records(wd / "eval.jsonl")] == [8, 16, 24]
+    assert [r["step"] for r in jsonl_records(wd / "eval.jsonl")] == [8, 16, 24]
     assert not list((wd / "checkpoints").glob("*tmp*"))
 
 
@@ -165,7 +97,7 @@ def test_signal_checkpoints_and_exits_for_requeue(uninterrupted_long, tmp_path, 
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-2000:]
     assert f"resuming from the checkpoint at step {step}" in out
-    a, b = _params(base / "full"), _params(wd)
+    a, b = saved_params(base / "full"), saved_params(wd)
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
