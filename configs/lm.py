@@ -70,6 +70,8 @@ def get_config(arg=None):
         cfg.batch_size = cfg.eval_batch_size = 8
         cfg.log_every = cfg.checkpoint_every = 2
         cfg.eval_every = 4  # the analysis once, at the end
+        if a.size != "cpu":  # `1b,smoke`: the large shapes' remat / bf16 / vocabulary chunks on the tiny model
+            cfg.loss.vocab_chunk = 64
     return cfg
 
 

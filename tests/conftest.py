@@ -6,9 +6,14 @@ The tests mirror the package layout (tests/spdjax/..., tests/experiments/...); t
 
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA's persistent compilation cache, shared by the xdist workers and the subprocess runs they start:
+# the smoke runs compile the same programs again and again (keys are the programs' hashes).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "spdjax-tests-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 

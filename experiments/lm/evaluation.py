@@ -6,8 +6,9 @@ Maskings (all sites at once): `unmasked` (masks 1), `ci` (masks = CI), `rounded`
 `ce/<masking>` (next-token CE, nats), `kl/<masking>` (KL(target || masked) of the next-token
 distributions) and `ce_unrecovered/<masking>` = (ce - ce_target) / (ce_zero - ce_target). Also
 `target_ce`, `ci_l0/<site>` and `ci_l0_layer/<l>` (per token, CI above the run's threshold),
-`n_alive_mean_ci/<site>` (mean CI over every held-out token, `n_mean_ci_tokens` of them, above 1e-6)
-and the figure `ci_spectrum.png` (each site's mean CI per subcomponent, sorted).
+`n_alive_mean_ci/<site>` (mean CI over every held-out token, `n_mean_ci_tokens` of them, above 1e-6),
+`n_alive_max_ci/<site>` (CI above the threshold on at least one of those tokens), their totals
+`n_alive_{mean,max}_ci`, and the figure `ci_spectrum.png` (each site's mean CI per subcomponent, sorted).
 """
 
 from __future__ import annotations
@@ -36,17 +37,21 @@ def next_token_kl(target_logits, logits) -> jax.Array:
     return jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1))
 
 
-def make_analyze(held: dict, seed: int, all_held: np.ndarray | None = None, chunk: int = 64):
+def make_analyze(held: dict, seed: int, all_held: np.ndarray | None = None, chunk_tokens: int = 32_768):
     """`analyze(params, target, workdir, loss) -> flat summary dict` (module docstring). `held`: the eval
-    batch; `all_held`: every held-out window `(n, T)` for the mean CI (default: the eval batch)."""
+    batch; `all_held`: every held-out window `(n, T)` for the mean CI (default: the eval batch), read in
+    chunks of about `chunk_tokens` tokens."""
     tokens = jnp.asarray(held["tokens"])
     all_held = np.asarray(held["tokens"]) if all_held is None else all_held
+    chunk = max(1, chunk_tokens // all_held.shape[1])
 
     @functools.partial(jax.jit, static_argnames="sigmoid")
-    def ci_sums(params, target, batch_tokens, sigmoid):
+    def ci_stats(params, target, batch_tokens, sigmoid):
+        """Per site: the sum and the max of each subcomponent's CI over the tokens of `batch_tokens`."""
         _, inputs = clean_forward(target, {"tokens": batch_tokens})
         ci = compute_ci(params, target, inputs, sigmoid).lower
-        return {n: jnp.sum(g.reshape(-1, g.shape[-1]).astype(jnp.float32), 0) for n, g in ci.items()}
+        flat = {n: g.reshape(-1, g.shape[-1]).astype(jnp.float32) for n, g in ci.items()}
+        return {n: (jnp.sum(g, 0), jnp.max(g, 0)) for n, g in flat.items()}
 
     @jax.jit
     def evaluate(params, target, masks, target_logits):
@@ -55,13 +60,18 @@ def make_analyze(held: dict, seed: int, all_held: np.ndarray | None = None, chun
 
     target_forward = jax.jit(lambda params, target: masked_forward(params, target, {"tokens": tokens}, {}))
 
-    def mean_ci(params, target, sigmoid: str) -> tuple[dict[str, np.ndarray], int]:
-        sums, n = None, 0
+    def ci_over_held(params, target, sigmoid: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+        """`(mean CI, max CI, token count)` per site over every window of `all_held`."""
+        sums, maxs, n = None, None, 0
         for i in range(0, len(all_held), chunk):
-            part = jax.device_get(ci_sums(params, target, jnp.asarray(all_held[i : i + chunk]), sigmoid))
-            sums = part if sums is None else {k: sums[k] + part[k] for k in sums}
+            part = jax.device_get(ci_stats(params, target, jnp.asarray(all_held[i : i + chunk]), sigmoid))
+            if sums is None:
+                sums, maxs = {k: v[0] for k, v in part.items()}, {k: v[1] for k, v in part.items()}
+            else:
+                sums = {k: sums[k] + part[k][0] for k in sums}
+                maxs = {k: np.maximum(maxs[k], part[k][1]) for k in maxs}
             n += all_held[i : i + chunk].size
-        return {k: v / n for k, v in sums.items()}, n
+        return {k: v / n for k, v in sums.items()}, maxs, n
 
     def analyze(params, target, workdir: Path | None, loss) -> dict:
         ci = {n: jnp.asarray(g) for n, g in metrics.batch_ci(params, target, {"tokens": tokens}, loss.sigmoid).items()}
@@ -86,16 +96,19 @@ def make_analyze(held: dict, seed: int, all_held: np.ndarray | None = None, chun
             out[f"ce/{k}"], out[f"kl/{k}"] = float(r["ce"]), float(r["kl"])
             out[f"ce_unrecovered/{k}"] = (float(r["ce"]) - ce_t) / gap if gap > 0 else float("nan")
         layers: dict[str, list[float]] = {}
-        means, n_tokens = mean_ci(params, target, loss.sigmoid)
+        means, maxs, n_tokens = ci_over_held(params, target, loss.sigmoid)
         out["n_mean_ci_tokens"] = int(n_tokens)
         for n, g in ci.items():
             g = np.asarray(g)
             out[f"ci_l0/{n}"] = float(np.mean(np.sum(g > loss.ci_l0_threshold, -1)))
             out[f"n_alive_mean_ci/{n}"] = int(np.sum(means[n] > MEAN_CI_ALIVE))
+            out[f"n_alive_max_ci/{n}"] = int(np.sum(maxs[n] > loss.ci_l0_threshold))
             layers.setdefault(n.split(".")[1] if n.startswith("blocks.") else "other", []).append(out[f"ci_l0/{n}"])
         for layer, vals in layers.items():
             out[f"ci_l0_layer/{layer}"] = float(sum(vals))
         out["ci_l0_total"] = float(sum(sum(v) for v in layers.values()))
+        for kind in ("mean", "max"):
+            out[f"n_alive_{kind}_ci"] = sum(v for k, v in out.items() if k.startswith(f"n_alive_{kind}_ci/"))
         if workdir is not None:
             spectrum_figure(means, Path(workdir) / "ci_spectrum.png")
         return out
