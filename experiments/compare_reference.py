@@ -19,17 +19,18 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# case -> (the reference's experiment, its target file under out/, our config, reference steps, our steps)
+# case -> (the reference's experiment, our config, reference steps, our steps)
 CASES = {
-    "tms_5-2": ("tms", "tms", "configs/tms_5-2.py", 300, 200),
-    "resid_mlp1": ("resid1", "resid1", "configs/resid_mlp.py", 60, 40),
-    "resid_mlp2": ("resid2", "resid2", "configs/resid_mlp2_reference.py", 25, 15),
+    "tms_5-2": ("tms", "configs/tms_5-2.py", 300, 200),
+    "resid_mlp1": ("resid1", "configs/resid_mlp.py", 60, 40),
+    "resid_mlp2": ("resid2", "configs/resid_mlp2_reference.py", 25, 15),
 }
 
 MATMUL = {
@@ -65,24 +66,33 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def reference_target(ref: Path, name: str) -> Path:
-    """The reference's trained target for `name` (setup-reference.sh writes them under out/)."""
-    hits = sorted(p for p in (ref / "out").rglob("*.pth") if name in str(p.relative_to(ref / "out")))
+def reference_target(ref: Path, exp: str) -> Path:
+    """The reference's trained target for `exp` ("tms", "resid1", "resid2"): setup-reference.sh writes each
+    as `out/train/<id>/<model>.pth` next to its `*_train_config.yaml`; the newest match wins."""
+    hits = []
+    for pth in (ref / "out").rglob("*.pth"):
+        config = "\n".join(y.read_text() for y in pth.parent.glob("*_train_config.yaml"))
+        if exp == "tms":
+            ok = pth.name.startswith("tms")
+        else:
+            ok = pth.name.startswith("resid") and re.search(rf"\bn_layers:\s*{exp[-1]}\b", config) is not None
+        if ok:
+            hits.append(pth)
     if not hits:
-        raise SystemExit(f"no trained {name} target (*.pth) under {ref / 'out'}: run setup-reference.sh {ref} first")
-    return hits[-1]
+        raise SystemExit(f"no trained {exp} target (*.pth) under {ref / 'out'}: run setup-reference.sh {ref} first")
+    return max(hits, key=lambda p: p.stat().st_mtime)
 
 
 def time_reference(ref: Path, bench: Path, case: str, threads: int) -> dict:
-    exp, target_name, _, steps, _ = CASES[case]
+    exp, _, steps, _ = CASES[case]
     env = {**os.environ, "SPD_OUT_DIR": str(ref / "out"), "WANDB_MODE": "disabled", "MPLBACKEND": "Agg"}
     cmd = [*_pin(threads), str(ref / "venv" / "bin" / "python"), str(bench / "reference_step_time.py"), "--exp", exp,
-           "--target", str(reference_target(ref, target_name)), "--steps", str(steps), "--threads", str(threads)]
+           "--target", str(reference_target(ref, exp)), "--steps", str(steps), "--threads", str(threads)]
     return json.loads(_run(cmd, ref / "src", env))
 
 
 def time_spdjax(case: str, threads: int, cache_dir: str) -> dict:
-    _, _, config, _, steps = CASES[case]
+    _, config, _, steps = CASES[case]
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device, the default XLA settings
     cmd = [*_pin(threads), sys.executable, "-m", "experiments.benchmark", "--_child", "--config", config,

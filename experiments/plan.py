@@ -111,12 +111,17 @@ def main() -> None:
     ap.add_argument("--mesh", default="data=1,model=1", help="e.g. data=8,model=1 (simulated CPU devices on a CPU host)")
     ap.add_argument("--shard_target", action="store_true", help="the target's weights sharded over data (FSDP)")
     ap.add_argument("--json", action="store_true", help="one JSON object per config instead of text")
+    ap.add_argument("--optimized_code", action="store_true",
+                    help="let LLVM optimise the generated CPU code (slower compile, same memory analysis)")
     a = ap.parse_args()
     axes = _parse_mesh(a.mesh)
     n = axes.get("data", 1) * axes.get("model", 1)
     # read when JAX first initialises its backends (importing jax does not)
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    # LLVM's code optimisation does not change XLA's memory analysis or FLOP count (the same numbers with
+    # and without, configs/lm.py on 2 devices), and it is most of a large step's CPU compile time
+    fast = "" if a.optimized_code else " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}{fast}".strip()
     for c in a.config:
         r = plan(c, axes, a.shard_target)
         if a.json:
