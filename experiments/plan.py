@@ -42,7 +42,9 @@ def _bytes_per_device(tree, shardings) -> int:
     return total
 
 
-def plan(config: str, mesh_axes: dict, shard_target: bool) -> dict:
+def plan(config: str, mesh_axes: dict, shard_target: bool, batch_size: int | None = None) -> dict:
+    """What XLA says the config's train step needs per device on that mesh (module docstring);
+    `batch_size` replaces the config's (the global batch, split over `data`)."""
     import jax
     import numpy as np
 
@@ -52,7 +54,10 @@ def plan(config: str, mesh_axes: dict, shard_target: bool) -> dict:
     from spdjax.optim import make_optimizer
     from spdjax.train import init_train_state, make_train_step
 
-    rc = parse(load_config_file(config))
+    cfg = load_config_file(config)
+    if batch_size is not None:
+        cfg.batch_size = batch_size
+    rc = parse(cfg)
     family = experiments.family(rc.experiment)
     if not hasattr(family, "abstract_target"):
         raise SystemExit(f"{config}: family {rc.experiment!r} has no abstract_target(run); the plan needs one")
@@ -85,7 +90,7 @@ def plan(config: str, mesh_axes: dict, shard_target: bool) -> dict:
     n_params = int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(abstract.params)))
     GiB = 2**30
     return {
-        "config": config,
+        "config": config, "batch_size": rc.batch_size,
         "mesh": f"data={mesh.shape['data']} x model={mesh.shape['model']}" + (" (target sharded)" if shard_target else ""),
         "devices": f"{len(jax.devices())} {jax.devices()[0].platform}",
         "trainable_params": n_params,
@@ -111,6 +116,7 @@ def main() -> None:
     ap.add_argument("--mesh", default="data=1,model=1", help="e.g. data=8,model=1 (simulated CPU devices on a CPU host)")
     ap.add_argument("--shard_target", action="store_true", help="the target's weights sharded over data (FSDP)")
     ap.add_argument("--json", action="store_true", help="one JSON object per config instead of text")
+    ap.add_argument("--batch_size", type=int, default=None, help="the global batch (default: the config's)")
     ap.add_argument("--optimized_code", action="store_true",
                     help="let LLVM optimise the generated CPU code (slower compile, same memory analysis)")
     a = ap.parse_args()
@@ -123,13 +129,13 @@ def main() -> None:
     fast = "" if a.optimized_code else " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}{fast}".strip()
     for c in a.config:
-        r = plan(c, axes, a.shard_target)
+        r = plan(c, axes, a.shard_target, a.batch_size)
         if a.json:
             print(json.dumps(r))
             continue
         g = lambda k: _size(r[k] * 2**30)  # noqa: E731
         print(
-            f"{r['config']} on {r['mesh']} ({r['devices']} devices): {r['trainable_params']:,} trainable params; "
+            f"{r['config']} (batch {r['batch_size']}) on {r['mesh']} ({r['devices']} devices): {r['trainable_params']:,} trainable params; "
             f"per device: params {g('params_gib_per_device')}, optimiser {g('opt_state_gib_per_device')}, "
             f"target {g('target_gib_per_device')}; XLA: arguments {g('xla_argument_gib')}, outputs "
             f"{g('xla_output_gib')}, temporaries {g('xla_temp_gib')}, code {_size(r['xla_code_mib'] * 2**20)}; "
