@@ -68,9 +68,10 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> str:
 
 def reference_target(ref: Path, exp: str) -> Path:
     """The reference's trained target for `exp` ("tms", "resid1", "resid2"): setup-reference.sh writes each
-    as `out/train/<id>/<model>.pth` next to its `*_train_config.yaml`; the newest match wins."""
+    as `out/train/<id>/<model>.pth` next to its `*_train_config.yaml` (its SPD runs copy them into
+    out/spd/, which is not searched); the newest match wins."""
     hits = []
-    for pth in (ref / "out").rglob("*.pth"):
+    for pth in (ref / "out" / "train").rglob("*.pth"):  # out/spd/ holds copies next to SPD runs
         config = "\n".join(y.read_text() for y in pth.parent.glob("*_train_config.yaml"))
         if exp == "tms":
             ok = pth.name.startswith("tms")
