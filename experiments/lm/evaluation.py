@@ -62,16 +62,11 @@ def make_analyze(held: dict, seed: int, all_held: np.ndarray | None = None, chun
 
     def ci_over_held(params, target, sigmoid: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
         """`(mean CI, max CI, token count)` per site over every window of `all_held`."""
-        sums, maxs, n = None, None, 0
-        for i in range(0, len(all_held), chunk):
-            part = jax.device_get(ci_stats(params, target, jnp.asarray(all_held[i : i + chunk]), sigmoid))
-            if sums is None:
-                sums, maxs = {k: v[0] for k, v in part.items()}, {k: v[1] for k, v in part.items()}
-            else:
-                sums = {k: sums[k] + part[k][0] for k in sums}
-                maxs = {k: np.maximum(maxs[k], part[k][1]) for k in maxs}
-            n += all_held[i : i + chunk].size
-        return {k: v / n for k, v in sums.items()}, maxs, n
+        parts = [jax.device_get(ci_stats(params, target, jnp.asarray(all_held[i : i + chunk]), sigmoid))
+                 for i in range(0, len(all_held), chunk)]
+        means = {k: sum(p[k][0] for p in parts) / all_held.size for k in parts[0]}
+        maxs = {k: np.max([p[k][1] for p in parts], 0) for k in parts[0]}
+        return means, maxs, all_held.size
 
     def analyze(params, target, workdir: Path | None, loss) -> dict:
         ci = {n: jnp.asarray(g) for n, g in metrics.batch_ci(params, target, {"tokens": tokens}, loss.sigmoid).items()}

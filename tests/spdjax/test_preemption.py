@@ -15,15 +15,13 @@ import numpy as np
 import pytest
 from helpers import ROOT, SUBPROCESS_ENV, fault_session, jsonl_records, saved_params
 
-ENV = SUBPROCESS_ENV
-
 # The tms_5-2 smoke config, 24 steps; log every 4, checkpoint and evaluate every 8.
 SMOKE = (ROOT / "configs" / "tms_5-2.py", "smoke", {"optim.steps": 24, "log_every": 4, "checkpoint_every": 8,
                                                     "eval_every": 8})
 
 
 def _session(workdir: Path, cache: Path, kill: str = "") -> subprocess.CompletedProcess:
-    return fault_session(workdir, cache, kill, *SMOKE, env=ENV)
+    return fault_session(workdir, cache, kill, *SMOKE, env=SUBPROCESS_ENV)
 
 
 def test_fault_injection_matches_an_uninterrupted_run(tmp_path):
@@ -53,7 +51,7 @@ def _launch(workdir: Path, cache: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(ROOT / "launch.py"), f"--config={ROOT / 'configs' / 'tms_5-2.py'}:smoke",
          f"--workdir={workdir}", f"--cache_dir={cache}", "--quiet", *LONG, *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=SUBPROCESS_ENV,
     )
 
 
@@ -107,7 +105,7 @@ def test_second_launch_on_a_busy_workdir_is_refused(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from spdjax.workdir import WorkdirLock; "
          "WorkdirLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(300)", str(wd)],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT, env=ENV,
+        stdout=subprocess.PIPE, text=True, cwd=ROOT, env=SUBPROCESS_ENV,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
