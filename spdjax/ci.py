@@ -183,11 +183,12 @@ def _per_component_mlp(p: CIParams, x: Float[Array, "*lead C fan_in"]) -> Float[
 
 
 def ci_raw(
-    p: CIParams, spec: SiteSpec, a: Array, comp: Components
+    p: CIParams, spec: SiteSpec, a: Array, comp: Components, h: Float[Array, "*lead C"] | None = None
 ) -> Float[Array, "*lead C"]:
-    """Raw importances z for a site input `a` (the clean target's input to the site)."""
+    """Raw importances z for a site input `a` (the clean target's input to the site); `h`: its inner
+    activations a V if the caller has them (used by the `mlp` kind)."""
     if p.kind == "mlp":
-        h = inner_acts(spec, a, comp.V)
+        h = inner_acts(spec, a, comp.V) if h is None else h
         return _per_component_mlp(p, h[..., None])
     x = dense_features(spec, a, dtype=comp.V.dtype)
     if p.kind == "vector_mlp":

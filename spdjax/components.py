@@ -72,15 +72,18 @@ def masked_site_output(
     delta_mask: Float[Array, "*lead"] | None,
     kernel: Float[Array, "d_in d_out"] | None,
     bias: Array | None,
+    h: Float[Array, "*lead C"] | None = None,
 ) -> Array:
     """Masked site output in factored form, never building per-example weights.
 
         y' = ((a V) * (m - m_delta)) U + m_delta * (a W^T) + b
 
     which equals a W'(x, r)^T + b with the delta term computed from the target's own site map.
-    `delta_mask=None` drops the delta term: y' = ((a V) * m) U + b.
+    `delta_mask=None` drops the delta term: y' = ((a V) * m) U + b. `h`: the inner activations a V
+    when the caller already has them (they must be a V for this `a`).
     """
-    h = inner_acts(spec, a, comp.V)
+    if h is None:
+        h = inner_acts(spec, a, comp.V)
     if delta_mask is None:
         y = unflat_output(spec, (h * mask) @ comp.U)
     else:

@@ -9,7 +9,15 @@ from jaxtyping import Array, Float
 
 from spdjax.decomposition import SPDParams, check_params
 from spdjax.losses.config import LossConfig
-from spdjax.losses.forward import batch_position_weight, clean_forward, compute_ci, position_weights, vocab_chunks
+from spdjax.losses.forward import (
+    batch_position_weight,
+    clean_forward,
+    clean_inner_acts,
+    compute_ci,
+    position_weights,
+    shared_inner_acts,
+    vocab_chunks,
+)
 from spdjax.losses.registry import TERMS, LossContext, TermOptions
 from spdjax.losses.terms import annealed_p
 from spdjax.targets.base import Target
@@ -46,7 +54,8 @@ def loss_fn(
     """
     check_params(params, target)
     out, inputs = clean_forward(target, batch)
-    ci = compute_ci(params, target, inputs, config.sigmoid, config.remat)
+    inner = None if config.remat else clean_inner_acts(params, target, inputs)
+    ci = compute_ci(params, target, inputs, config.sigmoid, config.remat, inner)
     ctx = LossContext(params, target, batch, out, inputs, ci, key, config, jnp.asarray(progress))
     configured = config.term_dict
     todo = list(config.terms)
@@ -58,7 +67,7 @@ def loss_fn(
             todo.append((name, config.options_for(name) if opts is None else opts))
     metrics: dict[str, Array] = {}
     total = jnp.zeros((), jnp.float32)
-    with position_weights(batch_position_weight(batch)), vocab_chunks(config.vocab_chunk):
+    with position_weights(batch_position_weight(batch)), vocab_chunks(config.vocab_chunk), shared_inner_acts(inner):
         for name, opts in todo:
             value = TERMS[name](ctx, opts)
             metrics[f"loss/{name}"] = value

@@ -156,6 +156,21 @@ HIDDEN_ACTS_SALT = 10  # stochastic_hidden_acts_recon
 # ----------------------------------------------------------------------------- building blocks
 
 
+def mean_over_samples(fn, *stacked) -> Float[Array, ""]:
+    """(1/S) sum_s fn(*(x[s] for x in stacked)) over the leading S axis of every leaf (`vmap`).
+
+    For S = 1 fn runs on the single sample without `vmap`: the value is the same, but the transposed
+    (gradient) matmuls of a vmapped size-1 axis reach XLA:CPU in a transposed layout its matmul library
+    does not take (resid_mlp:1: two (2048, 100) x (2048, 1000) gradient matmuls ran at 24 GFLOP/s).
+    """
+    S = {x.shape[0] for x in jax.tree.leaves(stacked)}
+    if len(S) != 1:
+        raise ValueError(f"mean_over_samples: leading (sample) axes differ: {sorted(S)}")
+    if S == {1}:
+        return fn(*jax.tree.map(lambda x: x[0], stacked))
+    return jnp.mean(jax.vmap(fn)(*stacked))
+
+
 def stochastic_recon_loss(
     params, target, batch, out, site_masks: dict[str, SiteMask], output_loss="mse", remat=False
 ) -> Float[Array, ""]:
@@ -164,7 +179,7 @@ def stochastic_recon_loss(
     def one(sm):
         return divergence(output_loss, masked_forward(params, target, batch, sm, remat), out)
 
-    return jnp.mean(jax.vmap(one)(site_masks))
+    return mean_over_samples(one, site_masks)
 
 
 def stochastic_recon_layerwise_loss(
@@ -175,7 +190,7 @@ def stochastic_recon_layerwise_loss(
     def one(sm):
         return layerwise_forward_losses(params, target, batch, out, sm, output_loss, unroll, remat)
 
-    return jnp.mean(jax.vmap(one)(site_masks))
+    return mean_over_samples(one, site_masks)
 
 
 def stochastic_recon_subset_loss(
@@ -188,7 +203,7 @@ def stochastic_recon_subset_loss(
         pred = masked_forward(params, target, batch, masks_lib.route_masks(sm, rt), remat)
         return divergence(output_loss, pred, out)
 
-    return jnp.mean(jax.vmap(one)(site_masks, routes))
+    return mean_over_samples(one, site_masks, routes)
 
 
 def annealed_p(opts, progress) -> Array | float:

@@ -3,6 +3,8 @@
 - all-ones masks with the delta term reproduce the target exactly, whatever U and V are;
 - the factored masked forward equals the materialised per-example-kernel forward run by hand;
 - the vmapped S-sample stochastic loss and the vmap + per-site (or scan + cond) layerwise loss equal Python loops;
+- one sample (S = 1) without `vmap` equals the vmapped form; shared clean inner activations change
+  neither the loss nor its gradient, only the FLOPs;
 - keys: same key -> same loss, different key -> different loss;
 - a jitted train step traces once; `jax.jit(loss_fn)` works as is.
 """
@@ -357,6 +359,65 @@ def test_layerwise_paths_same_gradient(net_case):
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)
     for a, b in zip(leaves, jax.tree.leaves(g_scan)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_mean_over_samples_single_sample_equals_vmap(net_case):
+    """S = 1 runs without `vmap`; its value and gradient equal the vmapped form's."""
+    from spdjax.losses.terms import mean_over_samples
+
+    _, target, x, params = net_case
+
+    def loss(p, use_vmap):
+        out, masks = _sampled(p, target, x, 1, True)
+
+        def one(sm):
+            return divergence("mse", masked_forward(p, target, x, sm), out)
+
+        return jnp.mean(jax.vmap(one)(masks)) if use_vmap else mean_over_samples(one, masks)
+
+    for a, b in zip(
+        jax.tree.leaves(jax.jit(jax.value_and_grad(lambda p: loss(p, False)))(params)),
+        jax.tree.leaves(jax.jit(jax.value_and_grad(lambda p: loss(p, True)))(params)),
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="leading"):
+        mean_over_samples(lambda a, b: 0.0, jnp.zeros((1, 2)), jnp.zeros((2, 2)))
+
+
+SHARED_TERMS = (
+    ("stochastic_recon", 1.0),
+    ("stochastic_recon_layerwise", 1.0),
+    ("stochastic_recon_subset", 1.0),
+    ("pgd_recon", 0.5),
+    ("importance_minimality", 3e-3),
+)
+
+
+@pytest.mark.parametrize("case", ["net_case", "tms_case"])
+def test_shared_clean_inner_acts_same_loss_and_gradient_fewer_flops(case, request, monkeypatch):
+    """`loss_fn` shares each site's clean inner activations a V between the CI function and the masked
+    passes whose site input is still clean. The loss and every gradient equal the unshared computation
+    (patched out); XLA counts fewer FLOPs for the gradient when a site is shared by several passes."""
+    import spdjax.losses.loss as loss_mod
+
+    _, target, x, params = request.getfixturevalue(case)
+    config = LossConfig(coeffs=SHARED_TERMS)
+
+    def value_and_grad():
+        f = jax.jit(jax.value_and_grad(spdjax.loss_fn, has_aux=True))
+        (loss, _), grads = f(params, target, x, jax.random.key(3), config)
+        flops = f.lower(params, target, x, jax.random.key(3), config).compile().cost_analysis()["flops"]
+        return loss, grads, flops
+
+    shared = value_and_grad()
+    monkeypatch.setattr(loss_mod, "clean_inner_acts", lambda *a: None)
+    unshared = value_and_grad()
+    np.testing.assert_allclose(shared[0], unshared[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(shared[1]), jax.tree.leaves(unshared[1])):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+    assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(shared[1].components))
+    if case == "net_case":  # untied sites used by several passes: one dL/dV matmul instead of several
+        assert shared[2] < unshared[2], (shared[2], unshared[2])
 
 
 # ----------------------------------------------------------------------------- (e), (g) keys and jit
