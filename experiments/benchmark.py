@@ -113,6 +113,7 @@ def bench_one(
         "gflop_per_step": flops / 1e9,
         "achieved_gflop_s": flops / 1e9 / med,
         "devices": str(jax.devices()),
+        "malloc_tuned": __import__("spdjax").cpu_tuning.MALLOC_TUNED,
         "mesh": "none" if mesh is None else f"data={mesh.shape['data']} x model={mesh.shape['model']}",
     }
 

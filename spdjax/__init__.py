@@ -3,7 +3,7 @@
 The core is pure: parameters are pytrees, every operation a function of (params, batch, key).
 """
 
-from spdjax import xla_flags  # noqa: F401  (must run before JAX initialises its backend)
+from spdjax import cpu_tuning  # noqa: F401  (must run before JAX initialises its backend)
 from spdjax.ci import CIParams, init_ci
 from spdjax.components import Components, masked_site_output, materialised_kernel
 from spdjax.decomposition import SPDParams, init_decomposition
