@@ -114,6 +114,7 @@ def bench_one(
         "achieved_gflop_s": flops / 1e9 / med,
         "devices": str(jax.devices()),
         "malloc_tuned": __import__("spdjax").cpu_tuning.MALLOC_TUNED,
+        "fast_threefry": __import__("spdjax").cpu_tuning.FAST_THREEFRY,
         "mesh": "none" if mesh is None else f"data={mesh.shape['data']} x model={mesh.shape['model']}",
     }
 

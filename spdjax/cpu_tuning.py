@@ -1,5 +1,6 @@
-"""What spdjax sets for CPU speed when it is imported (before JAX starts its backend): XLA flags and
-glibc's malloc settings. `SPDJAX_NO_CPU_TUNING=1` leaves both alone.
+"""What spdjax sets for CPU speed when it is imported (before JAX starts its backend): XLA flags,
+glibc's malloc settings and the CPU lowering of JAX's Threefry hash. `SPDJAX_NO_CPU_TUNING=1` leaves
+all three alone. None changes a result: the same bits, the same values.
 
 **XLA flags** (`SPDJAX_NO_XLA_FLAGS=1` leaves only these alone):
 
@@ -26,6 +27,15 @@ sets `M_MMAP_MAX = 0` (blocks come from the heap, reused step after step) and a 
 `M_TRIM_THRESHOLD` (freed memory stays with the process) through `mallopt`: the faults are gone and
 that step is ~10% faster. The process keeps its peak heap instead of returning it to the system. Only
 on Linux with glibc (`MALLOC_TUNED` says whether it was applied); elsewhere nothing changes.
+
+**Threefry** (`SPDJAX_NO_FAST_THREEFRY=1` leaves only this alone): every random draw (masks, data) runs
+JAX's Threefry-2x32 hash. On CPU JAX lowers it as a loop of 5 x 4 rounds whose two state arrays XLA
+computes in two fused kernels, each redoing the other's rounds, and copies every iteration; 491,520
+uniforms took 4.2 ms on one core. `threefry2x32` below computes the same 20 rounds (bit-identical,
+checked against Random123's known-answer vectors and a NumPy implementation) with its state packed
+into one uint64 array, so each block of rounds is one kernel: 1.4 ms for the same draw, and the
+TMS 5-2 step went from ~13.0 to ~10.8 ms on one core. Registered as the CPU lowering of
+`jax.extend.random.threefry2x32_p` (`FAST_THREEFRY` says whether it was); other backends keep JAX's.
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ import importlib.metadata
 import os
 import re
 import sys
+
+import numpy as np
 
 # (flag, oldest jaxlib version it was checked on)
 CPU_FLAGS = (
@@ -81,5 +93,74 @@ def tune_malloc() -> bool:
     return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
 
 
+_U32 = np.uint32
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_PARITY = 0x1BD11BDA
+
+
+def threefry2x32(k1, k2, x1, x2):
+    """Threefry-2x32 with 20 rounds (Salmon et al. 2011; JAX's `threefry2x32_p`), uint32 arrays
+    broadcast together -> `(y1, y2)`. Rounds 5-20 run as a 2-iteration loop over one uint64 array
+    holding both words, so XLA fuses each iteration into a single kernel."""
+    import jax
+
+    with jax.enable_x64(True):  # uint64 state inside the lowering only
+        return _threefry2x32(k1, k2, x1, x2)
+
+
+def _threefry2x32(k1, k2, x1, x2):
+    import jax.numpy as jnp
+    from jax import lax
+
+    def rotl(x, d):
+        return lax.shift_left(x, _U32(d)) | lax.shift_right_logical(x, _U32(32 - d))
+
+    def rounds(a, b, rotations):
+        for d in rotations:
+            a = a + b
+            b = rotl(b, d) ^ a
+        return a, b
+
+    def pack(a, b):
+        return lax.shift_left(a.astype(jnp.uint64), jnp.uint64(32)) | b.astype(jnp.uint64)
+
+    def unpack(p):
+        return lax.shift_right_logical(p, jnp.uint64(32)).astype(jnp.uint32), p.astype(jnp.uint32)
+
+    ks = (k1, k2, k1 ^ k2 ^ _U32(_PARITY))
+
+    def key(j):  # ks[j % 3] for a traced block number j
+        m = j % 3
+        return jnp.where(m == 0, ks[0], jnp.where(m == 1, ks[1], ks[2]))
+
+    shape = jnp.broadcast_shapes(*(jnp.shape(v) for v in (k1, k2, x1, x2)))
+    a, b = rounds(jnp.broadcast_to(x1 + ks[0], shape), jnp.broadcast_to(x2 + ks[1], shape), _ROTATIONS[0])
+    a, b = a + ks[1], b + ks[2] + _U32(1)
+
+    def two_blocks(i, p):  # blocks 2 + 2i and 3 + 2i of 4 rounds each, then their key injections
+        a, b = unpack(p)
+        for t, rotations in enumerate((_ROTATIONS[1], _ROTATIONS[0])):
+            j = (2 + 2 * i + t).astype(jnp.uint32)
+            a, b = rounds(a, b, rotations)
+            a, b = a + key(j), b + key(j + 1) + j
+        return pack(a, b)
+
+    return unpack(lax.fori_loop(0, 2, two_blocks, pack(a, b)))
+
+
+def use_fast_threefry() -> bool:
+    """Registers `threefry2x32` as the CPU lowering of JAX's Threefry primitive; True if registered."""
+    if os.environ.get("SPDJAX_NO_FAST_THREEFRY") == "1" or os.environ.get("SPDJAX_NO_CPU_TUNING") == "1":
+        return False
+    try:
+        from jax.extend.random import threefry2x32_p
+        from jax.interpreters import mlir
+    except ImportError:
+        return False
+    mlir.register_lowering(threefry2x32_p, mlir.lower_fun(threefry2x32, multiple_results=True), platform="cpu")
+    return True
+
+
 apply()
 MALLOC_TUNED = tune_malloc()
+FAST_THREEFRY = use_fast_threefry()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import ml_collections
 import pytest
 
@@ -172,61 +170,6 @@ def test_missing_required_field_is_a_value_error_naming_it(field):
     del cfg[field]
     with pytest.raises(ValueError, match=field):
         config_lib.parse(cfg)
-
-
-def test_xla_flags_only_for_checked_jaxlib_versions(monkeypatch):
-    import os
-
-    from spdjax import cpu_tuning
-
-    monkeypatch.delenv("SPDJAX_NO_XLA_FLAGS", raising=False)
-    monkeypatch.delenv("SPDJAX_NO_CPU_TUNING", raising=False)
-    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
-    cpu_tuning.apply(version=(0, 10, 1))
-    flags = os.environ["XLA_FLAGS"]
-    assert "--xla_dump_to=/tmp/x" in flags and "concurrency_optimized_scheduler=false" in flags
-    assert "ynn_fusion_type" not in flags
-    cpu_tuning.apply(version=(0, 10, 2))
-    flags = os.environ["XLA_FLAGS"]
-    assert flags.count("ynn_fusion_type") == 1 and flags.count("concurrency_optimized_scheduler") == 1
-
-
-MALLOC_PROBE = """
-import resource, sys
-import numpy as np
-import spdjax.cpu_tuning as t
-def faults():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for i in range(2):
-    a = np.ones(16 << 20, np.float32); del a   # 64 MiB: above any mmap threshold
-f0 = faults()
-for i in range(5):
-    a = np.ones(16 << 20, np.float32); del a
-print(t.MALLOC_TUNED, (faults() - f0) // 5)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_malloc_tuning_reuses_big_blocks_instead_of_faulting_them_in():
-    """With spdjax's malloc settings a freed 64 MiB block is reused: repeated allocations cost no page
-    faults. `SPDJAX_NO_MALLOC_TUNING=1` keeps glibc's default, where each one is mapped afresh and
-    faulted in again (at least 32 faults: 64 MiB in 2 MiB huge pages, which numpy asks for)."""
-    import subprocess
-
-    from tests.helpers import SUBPROCESS_ENV
-
-    def probe(**env):
-        out = subprocess.run(
-            [sys.executable, "-c", MALLOC_PROBE], env={**SUBPROCESS_ENV, **env}, capture_output=True, text=True
-        )
-        assert out.returncode == 0, out.stderr[-2000:]
-        tuned, faults = out.stdout.split()
-        return tuned == "True", int(faults)
-
-    tuned, faults = probe()
-    assert tuned and faults < 8, faults
-    tuned, faults = probe(SPDJAX_NO_MALLOC_TUNING="1")
-    assert not tuned and faults >= 32, faults
 
 
 def test_load_config_file(tmp_path):
