@@ -68,8 +68,25 @@ def _tokens_per_step(exp, batch) -> int | None:
     return None
 
 
+def matmul_gflops(n: int = 2048, reps: int = 15) -> float:
+    """This host's float32 XLA matmul rate (n x n x n, median of `reps`) in GFLOP/s: the calibration line."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(ts) / 1e9
+
+
 def bench_one(
-    config_path: str, steps: int, warmup: int, cache_dir: str, n_devices: int | None = None, mesh_model: int = 1
+    config_path: str, steps: int, warmup: int, cache_dir: str, n_devices: int | None = None, mesh_model: int = 1,
+    calibrate: bool = False,
 ) -> dict:
     import jax
 
@@ -98,7 +115,10 @@ def bench_one(
         wall.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)
     med = statistics.median(wall)
+    cal = matmul_gflops() if calibrate else None
     return {
+        "matmul_gflop_s": cal,
+        "fraction_of_matmul": None if cal is None else flops / 1e9 / med / cal,
         "config": config_path,
         "method": cfg.get("method", "spd"),
         "n_params": n_params,
@@ -127,11 +147,13 @@ def main() -> None:
     ap.add_argument("--cache_dir", default=".cache/targets")
     ap.add_argument("--devices", default=None, help="comma-separated device counts, e.g. 1,8 (sharded runs)")
     ap.add_argument("--mesh_model", type=int, default=1, help="model (C) axis size of the mesh with --devices")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="also time a 2048^3 float32 XLA matmul in the same process and print the step's FLOP/s as a fraction of it")
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_n_devices", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._child:
-        print(json.dumps(bench_one(a.config[0], a.steps, a.warmup, a.cache_dir, a._n_devices, a.mesh_model)))
+        print(json.dumps(bench_one(a.config[0], a.steps, a.warmup, a.cache_dir, a._n_devices, a.mesh_model, a.calibrate)))
         return
     counts = [int(n) for n in a.devices.split(",")] if a.devices else [None]
     for c, n in [(c, n) for c in a.config for n in counts]:
@@ -142,7 +164,8 @@ def main() -> None:
             extra = ["--_n_devices", str(n), "--mesh_model", str(a.mesh_model)]
         out = subprocess.run(
             [sys.executable, "-m", "experiments.benchmark", "--_child", "--config", c,
-             "--steps", str(a.steps), "--warmup", str(a.warmup), "--cache_dir", a.cache_dir, *extra],
+             "--steps", str(a.steps), "--warmup", str(a.warmup), "--cache_dir", a.cache_dir, *extra,
+             *(["--calibrate"] if a.calibrate else [])],
             capture_output=True, text=True, env=env,
         )
         if out.returncode != 0:
@@ -151,6 +174,8 @@ def main() -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         where = "" if n is None else f" [{n} device(s), mesh {r['mesh']}]"
         tok = "" if r.get("tokens_per_s") is None else f", {r['tokens_per_s']:.0f} tokens/s ({r['tokens_per_step']} per step)"
+        if r.get("matmul_gflop_s"):
+            tok += f"; host matmul {r['matmul_gflop_s']:.1f} GFLOP/s, step at {100 * r['fraction_of_matmul']:.0f}% of it"
         print(
             f"{r['config']}{where} [{r['method']}, {r['n_params']} params]: {r['steps_per_s']:.1f} steps/s (median {r['step_ms_median']:.2f} ms, "
             f"min {r['step_ms_min']:.2f} ms, cpu {r['step_cpu_ms_median']:.2f} ms), compile {r['compile_s']:.2f} s, "
