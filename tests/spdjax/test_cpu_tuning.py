@@ -36,25 +36,28 @@ def test_xla_flags_only_for_checked_jaxlib_versions(monkeypatch):
 
 
 MALLOC_PROBE = """
-import resource, sys
+import resource, threading
 import numpy as np
 import spdjax.cpu_tuning as t
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for i in range(2):
-    a = np.ones(16 << 20, np.float32); del a   # 64 MiB: above any mmap threshold
-f0 = faults()
-for i in range(5):
-    a = np.ones(16 << 20, np.float32); del a
-print(t.MALLOC_TUNED, (faults() - f0) // 5)
+def churn(n):  # 128 MiB blocks: above any mmap threshold and a thread arena's 64 MiB heaps
+    for i in range(n):
+        a = np.ones(32 << 20, np.float32); del a
+def in_thread(n):
+    th = threading.Thread(target=churn, args=(n,)); th.start(); th.join()
+churn(2); in_thread(2)
+f0 = faults(); churn(5); f1 = faults(); in_thread(5); f2 = faults()
+print(t.MALLOC_TUNED, (f1 - f0) // 5, (f2 - f1) // 5)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_malloc_tuning_reuses_big_blocks_instead_of_faulting_them_in():
-    """With spdjax's malloc settings a freed 64 MiB block is reused: repeated allocations cost no page
-    faults. `SPDJAX_NO_MALLOC_TUNING=1` keeps glibc's default, where each one is mapped afresh and
-    faulted in again (at least 32 faults: 64 MiB in 2 MiB huge pages, which numpy asks for)."""
+    """With spdjax's malloc settings a freed 128 MiB block is reused, in the main thread and in another
+    thread alike: repeated allocations cost no page faults. `SPDJAX_NO_MALLOC_TUNING=1` keeps glibc's
+    default, where each one is mapped afresh and faulted in again (at least 64 faults: 128 MiB in 2 MiB
+    huge pages, which numpy asks for)."""
     import subprocess
 
     from tests.helpers import SUBPROCESS_ENV
@@ -64,13 +67,13 @@ def test_malloc_tuning_reuses_big_blocks_instead_of_faulting_them_in():
             [sys.executable, "-c", MALLOC_PROBE], env={**SUBPROCESS_ENV, **env}, capture_output=True, text=True
         )
         assert out.returncode == 0, out.stderr[-2000:]
-        tuned, faults = out.stdout.split()
-        return tuned == "True", int(faults)
+        tuned, main, thread = out.stdout.split()
+        return tuned == "True", int(main), int(thread)
 
-    tuned, faults = probe()
-    assert tuned and faults < 8, faults
-    tuned, faults = probe(SPDJAX_NO_MALLOC_TUNING="1")
-    assert not tuned and faults >= 32, faults
+    tuned, main, thread = probe()
+    assert tuned and main < 8 and thread < 8, (main, thread)
+    tuned, main, thread = probe(SPDJAX_NO_MALLOC_TUNING="1")
+    assert not tuned and main >= 64 and thread >= 64, (main, thread)
 
 
 
