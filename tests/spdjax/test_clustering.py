@@ -1,0 +1,203 @@
+"""spdjax.clustering against plain NumPy loops: the description length and the cost of every merge,
+the incremental co-activation update, the samplers, the clustering comparisons; and recovery of
+planted groups from noisy synthetic activations."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spdjax import clustering as cl
+from spdjax.clustering.merge import _sample
+
+
+def _groups_loop(acts, labels):
+    """(OR-activation per group (N, k), rank per group) by loops."""
+    k = labels.max() + 1
+    g = np.zeros((acts.shape[0], k), bool)
+    r = np.zeros(k)
+    for c, lab in enumerate(labels):
+        g[:, lab] |= acts[:, c]
+        r[lab] += 1
+    return g, r
+
+
+def _L_loop(acts, labels, alpha):
+    g, r = _groups_loop(acts, labels)
+    k = g.shape[1]
+    return sum(g[:, i].sum() * (np.log2(k) + alpha * r[i]) for i in range(k))
+
+
+def _random_case(seed, N=80, n=9, k=6):
+    rng = np.random.default_rng(seed)
+    acts = rng.random((N, n)) < rng.uniform(0.05, 0.5, n)
+    labels = np.concatenate([np.arange(k), rng.integers(0, k, n - k)])
+    rng.shuffle(labels)
+    return acts, labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("alpha", [0.0, 0.7, 3.0])
+def test_merge_costs_equal_the_change_of_the_description_length(seed, alpha):
+    acts, labels = _random_case(seed)
+    g, r = _groups_loop(acts, labels)
+    k = g.shape[1]
+    coact = np.array([[np.sum(g[:, i] & g[:, j]) for j in range(k)] for i in range(k)], np.float32)
+    got = np.asarray(cl.merge_costs(jnp.asarray(coact), jnp.asarray(r, jnp.float32), jnp.ones(k, bool), alpha))
+    L = _L_loop(acts, labels, alpha)
+    np.testing.assert_allclose(float(cl.description_length(jnp.asarray(g.sum(0), jnp.float32),
+                                                           jnp.asarray(r, jnp.float32), alpha)), L, rtol=1e-5)
+    for i, j in itertools.product(range(k), range(k)):
+        if i >= j:
+            assert got[i, j] == np.inf
+            continue
+        merged = np.where(labels == j, i, labels)
+        _, merged = np.unique(merged, return_inverse=True)
+        np.testing.assert_allclose(got[i, j], _L_loop(acts, merged, alpha) - L, rtol=1e-4, atol=1e-3)
+
+
+def test_dead_slots_are_never_merged():
+    acts, labels = _random_case(3)
+    g, r = _groups_loop(acts, labels)
+    coact = (g.T.astype(np.float32) @ g.astype(np.float32))
+    alive = np.array([True, False, True, True, False, True])
+    got = np.asarray(cl.merge_costs(jnp.asarray(coact), jnp.asarray(r, jnp.float32), jnp.asarray(alive), 1.0))
+    assert np.all(np.isinf(got[~alive])) and np.all(np.isinf(got[:, ~alive]))
+    assert np.isfinite(got[0, 2])
+
+
+@pytest.mark.parametrize("density", [0.01, 0.3])
+def test_coactivations_sparse_and_dense_paths(density):
+    rng = np.random.default_rng(4)
+    acts = rng.random((300, 40)) < density
+    want = np.array([[np.sum(acts[:, i] & acts[:, j]) for j in range(40)] for i in range(40)])
+    np.testing.assert_array_equal(cl.coactivations(acts), want)
+
+
+def test_packed_bits_round_trip():
+    from spdjax.clustering.mdl import pack_columns
+
+    acts = np.random.default_rng(5).random((77, 5)) < 0.4
+    bits = pack_columns(acts)
+    assert bits.shape == (5, 3) and bits.dtype == np.uint32
+    unpacked = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :77].T.astype(bool)
+    np.testing.assert_array_equal(unpacked, acts)
+
+
+@pytest.mark.parametrize("sampler", ["range", "mcmc", "exp_rank"])
+def test_incremental_update_and_history_match_recomputation(sampler):
+    """After t merges the co-activation state equals the groups' co-activations recomputed from the
+    labels, and L[t] equals the description length of the grouping after t merges."""
+    rng = np.random.default_rng(6)
+    acts = rng.random((200, 24)) < rng.uniform(0.02, 0.3, 24)
+    alpha = 0.5
+    h = cl.merge(acts, cl.MergeConfig(alpha=alpha, sampler=sampler), seed=1)
+    assert h.pairs.shape == (23, 2) and len(h.L) == 24 and len(h.dL) == 23
+    for t in (0, 5, 11, 23):
+        np.testing.assert_allclose(h.L[t], _L_loop(acts, h.labels_at(t), alpha), rtol=1e-4)
+    part = cl.merge(acts, cl.MergeConfig(alpha=alpha, sampler=sampler), seed=1, iterations=11)
+    np.testing.assert_array_equal(part.pairs, h.pairs[:11])
+    labels = part.labels_at(11)
+    g, _ = _groups_loop(acts, labels)
+    slots = np.flatnonzero(part.alive)
+    assert len(slots) == 24 - 11
+    slot_label = {s: labels[s] for s in slots}  # a slot keeps its first member's index
+    for a, b in itertools.product(slots, slots):
+        assert part.coact[a, b] == np.sum(g[:, slot_label[a]] & g[:, slot_label[b]])
+    assert np.all(part.coact[~part.alive] == 0)
+
+
+def test_stop_is_the_first_positive_merge():
+    rng = np.random.default_rng(7)
+    acts = rng.random((300, 30)) < 0.1
+    h = cl.merge(acts, cl.MergeConfig(alpha=1.0), seed=0)
+    assert np.all(h.dL[: h.stop] <= 0) and (h.stop == len(h.dL) or h.dL[h.stop] > 0)
+    np.testing.assert_array_equal(h.labels(), h.labels_at(h.stop))
+
+
+def test_samplers_pick_cheap_pairs():
+    costs = jnp.asarray([5.0, 1.0, jnp.inf, 3.0, 1.5, 9.0])
+    import jax
+
+    greedy = cl.MergeConfig(sampler="range", range_fraction=0.0)
+    assert all(int(_sample(costs, jax.random.key(s), greedy)) == 1 for s in range(20))
+    within = {int(_sample(costs, jax.random.key(s), cl.MergeConfig(sampler="range", range_fraction=0.1)))
+              for s in range(200)}
+    assert within == {1, 4}  # 1 + 0.1 * (9 - 1) = 1.8
+    cold = cl.MergeConfig(sampler="mcmc", temperature=1e-3)
+    assert all(int(_sample(costs, jax.random.key(s), cold)) == 1 for s in range(20))
+    picks = [int(_sample(costs, jax.random.key(s), cl.MergeConfig(sampler="exp_rank", rank_rate=1.0, top=3)))
+             for s in range(3000)]
+    freq = np.bincount(picks, minlength=6) / len(picks)
+    want = np.exp(-np.arange(3.0)) / np.exp(-np.arange(3.0)).sum()  # ranks: index 1, 4, 3
+    np.testing.assert_allclose(freq[[1, 4, 3]], want, atol=0.03)
+    assert freq[2] == 0 and freq[5] == 0
+
+
+def _ari_loop(a, b):
+    """Adjusted Rand index by counting item pairs (Hubert and Arabie)."""
+    n = len(a)
+    same_a = same_b = both = 0
+    for i, j in itertools.combinations(range(n), 2):
+        sa, sb = a[i] == a[j], b[i] == b[j]
+        same_a += sa
+        same_b += sb
+        both += sa and sb
+    pairs = n * (n - 1) / 2
+    expected = same_a * same_b / pairs
+    return (both - expected) / ((same_a + same_b) / 2 - expected)
+
+
+def test_comparisons():
+    rng = np.random.default_rng(8)
+    a = rng.integers(0, 5, 60)
+    b = np.where(rng.random(60) < 0.3, rng.integers(0, 5, 60), a)
+    np.testing.assert_allclose(cl.adjusted_rand_index(a, b), _ari_loop(a, b), rtol=1e-10)
+    perm = np.array([3, 0, 4, 1, 2])[a]
+    assert cl.adjusted_rand_index(a, perm) == pytest.approx(1.0)
+    assert cl.matching_distance(a, perm) == pytest.approx(0.0)
+    assert cl.purity(np.arange(60), a) == 1.0 and cl.purity(np.zeros(60), a) == np.bincount(a).max() / 60
+    assert 0 < cl.matching_distance(a, b) < 1
+    with pytest.raises(ValueError, match="same items"):
+        cl.adjusted_rand_index(a, b[:-1])
+
+
+def planted(n_groups=50, N=4000, p=0.05, noise=0.05, seed=0):
+    """Activations of `n_groups` planted groups of 1-8 members (a group's members fire together, each
+    group with probability p per sample), then `noise` of the set bits moved to random entries."""
+    rng = np.random.default_rng(seed)
+    truth = np.repeat(np.arange(n_groups), rng.integers(1, 9, n_groups))
+    acts = (rng.random((N, n_groups)) < p)[:, truth]
+    on = np.argwhere(acts)
+    m = int(noise * len(on))
+    off = on[rng.choice(len(on), m, replace=False)]
+    acts[off[:, 0], off[:, 1]] = False
+    acts[rng.integers(0, N, m), rng.integers(0, truth.size, m)] = True
+    return acts, truth
+
+
+@pytest.mark.parametrize("sampler", ["range", "exp_rank"])
+def test_planted_groups_recovered(sampler):
+    """50 planted groups of 1-8 members with 5% of the activations moved at random: the clustering at
+    the stopping point recovers them with adjusted Rand index >= 0.95."""
+    acts, truth = planted()
+    h = cl.merge(acts, cl.MergeConfig(alpha=1.0, sampler=sampler), seed=0)
+    ari = cl.adjusted_rand_index(h.labels(), truth)
+    assert ari >= 0.95, (ari, h.labels().max() + 1)
+
+
+def test_bad_configs_are_errors():
+    acts = np.ones((4, 3), bool)
+    with pytest.raises(ValueError, match="sampler"):
+        cl.merge(acts, cl.MergeConfig(sampler="nope"))
+    with pytest.raises(ValueError, match="alpha"):
+        cl.merge(acts, cl.MergeConfig(alpha=-1.0))
+    with pytest.raises(ValueError, match="at least 2"):
+        cl.merge(np.ones((4, 1), bool))
+    with pytest.raises(ValueError, match="iterations"):
+        cl.merge(acts, iterations=3)
+    with pytest.raises(ValueError, match="labels_at"):
+        cl.merge(acts).labels_at(5)
