@@ -12,6 +12,7 @@ import pytest
 
 from spdjax import clustering as cl
 from spdjax.clustering.merge import _sample
+from spdjax.clustering.synthetic import planted_groups
 
 
 def _groups_loop(acts, labels):
@@ -119,22 +120,27 @@ def test_stop_is_the_first_positive_merge():
 
 
 def test_samplers_pick_cheap_pairs():
-    costs = jnp.asarray([5.0, 1.0, jnp.inf, 3.0, 1.5, 9.0])
+    """Samplers on a 3 x 3 cost matrix (flat index i * 3 + j): costs 1 (at 2), 1.5 (7), 3 (5), 5 (1),
+    9 (8), +inf elsewhere."""
     import jax
 
-    greedy = cl.MergeConfig(sampler="range", range_fraction=0.0)
-    assert all(int(_sample(costs, jax.random.key(s), greedy)) == 1 for s in range(20))
-    within = {int(_sample(costs, jax.random.key(s), cl.MergeConfig(sampler="range", range_fraction=0.1)))
-              for s in range(200)}
-    assert within == {1, 4}  # 1 + 0.1 * (9 - 1) = 1.8
-    cold = cl.MergeConfig(sampler="mcmc", temperature=1e-3)
-    assert all(int(_sample(costs, jax.random.key(s), cold)) == 1 for s in range(20))
-    picks = [int(_sample(costs, jax.random.key(s), cl.MergeConfig(sampler="exp_rank", rank_rate=1.0, top=3)))
-             for s in range(3000)]
-    freq = np.bincount(picks, minlength=6) / len(picks)
-    want = np.exp(-np.arange(3.0)) / np.exp(-np.arange(3.0)).sum()  # ranks: index 1, 4, 3
-    np.testing.assert_allclose(freq[[1, 4, 3]], want, atol=0.03)
-    assert freq[2] == 0 and freq[5] == 0
+    inf = jnp.inf
+    costs = jnp.asarray([[inf, 5.0, 1.0], [inf, inf, 3.0], [inf, 1.5, 9.0]])
+
+    def draws(cfg, n):
+        return [int(_sample(costs, jax.random.key(s), cfg)) for s in range(n)]
+
+    assert set(draws(cl.MergeConfig(sampler="range", range_fraction=0.0), 20)) == {2}
+    within = draws(cl.MergeConfig(sampler="range", range_fraction=0.1), 400)  # below 1 + 0.1 * (9 - 1)
+    assert set(within) == {2, 7} and abs(within.count(2) / 400 - 0.5) < 0.08
+    assert set(draws(cl.MergeConfig(sampler="mcmc", temperature=1e-3), 20)) == {2}
+    warm = draws(cl.MergeConfig(sampler="mcmc", temperature=1.0), 3000)
+    w = np.exp(-np.array([0.0, 0.5, 2.0, 4.0, 8.0]))
+    np.testing.assert_allclose(np.bincount(warm, minlength=9)[[2, 7, 5, 1, 8]] / 3000, w / w.sum(), atol=0.03)
+    picks = draws(cl.MergeConfig(sampler="exp_rank", rank_rate=1.0, top=3), 3000)
+    want = np.exp(-np.arange(3.0)) / np.exp(-np.arange(3.0)).sum()
+    np.testing.assert_allclose(np.bincount(picks, minlength=9)[[2, 7, 5]] / 3000, want, atol=0.03)
+    assert set(picks) <= {2, 7, 5}
 
 
 def _ari_loop(a, b):
@@ -165,25 +171,11 @@ def test_comparisons():
         cl.adjusted_rand_index(a, b[:-1])
 
 
-def planted(n_groups=50, N=4000, p=0.05, noise=0.05, seed=0):
-    """Activations of `n_groups` planted groups of 1-8 members (a group's members fire together, each
-    group with probability p per sample), then `noise` of the set bits moved to random entries."""
-    rng = np.random.default_rng(seed)
-    truth = np.repeat(np.arange(n_groups), rng.integers(1, 9, n_groups))
-    acts = (rng.random((N, n_groups)) < p)[:, truth]
-    on = np.argwhere(acts)
-    m = int(noise * len(on))
-    off = on[rng.choice(len(on), m, replace=False)]
-    acts[off[:, 0], off[:, 1]] = False
-    acts[rng.integers(0, N, m), rng.integers(0, truth.size, m)] = True
-    return acts, truth
-
-
 @pytest.mark.parametrize("sampler", ["range", "exp_rank"])
 def test_planted_groups_recovered(sampler):
     """50 planted groups of 1-8 members with 5% of the activations moved at random: the clustering at
     the stopping point recovers them with adjusted Rand index >= 0.95."""
-    acts, truth = planted()
+    acts, truth = planted_groups(n_groups=50, n_samples=4000, p=0.05, noise=0.05)
     h = cl.merge(acts, cl.MergeConfig(alpha=1.0, sampler=sampler), seed=0)
     ari = cl.adjusted_rand_index(h.labels(), truth)
     assert ari >= 0.95, (ari, h.labels().max() + 1)
