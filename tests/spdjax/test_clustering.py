@@ -128,7 +128,8 @@ def test_samplers_pick_cheap_pairs():
     costs = jnp.asarray([[inf, 5.0, 1.0], [inf, inf, 3.0], [inf, 1.5, 9.0]])
 
     def draws(cfg, n):
-        return [int(_sample(costs, jax.random.key(s), cfg)) for s in range(n)]
+        keys = jax.random.split(jax.random.key(0), n)
+        return np.asarray(jax.jit(jax.vmap(lambda k: _sample(costs, k, cfg)))(keys)).tolist()
 
     assert set(draws(cl.MergeConfig(sampler="range", range_fraction=0.0), 20)) == {2}
     within = draws(cl.MergeConfig(sampler="range", range_fraction=0.1), 400)  # below 1 + 0.1 * (9 - 1)
@@ -193,3 +194,22 @@ def test_bad_configs_are_errors():
         cl.merge(acts, iterations=3)
     with pytest.raises(ValueError, match="labels_at"):
         cl.merge(acts).labels_at(5)
+
+
+def test_compacted_segments_keep_the_state_exact():
+    """Above `MIN_COMPACT` groups the run compacts its state between segments; the history's
+    description lengths and the final co-activations still match recomputation from the labels."""
+    from spdjax.clustering.merge import MIN_COMPACT
+
+    acts, _ = planted_groups(n_groups=250, n_samples=300, p=0.05, seed=3)
+    n = acts.shape[1]
+    assert n > MIN_COMPACT
+    end = n // 2 + 10
+    h = cl.merge(acts, cl.MergeConfig(alpha=1.0), seed=2, iterations=end)
+    for t in (n // 2 - 1, end):  # either side of the first compaction
+        np.testing.assert_allclose(h.L[t], _L_loop(acts, h.labels_at(t), 1.0), rtol=1e-4)
+    labels = h.labels_at(end)
+    g, _ = _groups_loop(acts, labels)
+    slots = np.flatnonzero(h.alive)
+    sub = g[:, labels[slots]].astype(np.int64)
+    np.testing.assert_array_equal(h.coact[np.ix_(slots, slots)], sub.T @ sub)
