@@ -5,6 +5,8 @@ config, to the library's one runner (`spdjax.runner`), which picks the method fr
 
 Re-running the same command resumes from the newest checkpoint in the workdir.
 `--mode=analyze` regenerates the summary and figures of a finished run without training.
+`--mode=cluster` groups a finished SPD run's subcomponents into mechanisms (`spdjax.clustering`) and
+writes WORKDIR/clustering/ (`--cluster.alpha=1 --cluster.seeds=3 --cluster.sampler=exp_rank ...`).
 
 Several hosts: start the same command on every host with `--distributed` (or under Slurm with
 SLURM_NTASKS > 1, detected) and a workdir they all share; `jax.distributed.initialize()` finds the
@@ -21,6 +23,8 @@ from ml_collections import config_flags
 
 import experiments
 from spdjax.checkpoint import CheckpointError
+from spdjax.clustering.workflow import cluster_workdir
+from spdjax.clustering.workflow import default_config as cluster_defaults
 from spdjax.runner import PREEMPTED_EXIT_CODE, ConfigMismatchError, Preempted, RunOptions, analyze, format_summary, run
 from spdjax.train import NonFiniteError
 from spdjax.workdir import WorkdirError
@@ -30,7 +34,10 @@ CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")  # > 1: start
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (a get_config(arg) .py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
 _CACHE = flags.DEFINE_string("cache_dir", ".cache/targets", "Where trained targets are cached.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "analyze"], "train (or resume), or analyze a finished run.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "analyze", "cluster"], "train (or resume), analyze or cluster a finished run."
+)
+_CLUSTER = config_flags.DEFINE_config_dict("cluster", cluster_defaults(), "Clustering settings (--mode=cluster).")
 _FRESH = flags.DEFINE_bool("fresh", False, "Discard the workdir's checkpoints and metrics; start over.")
 _ALLOW = flags.DEFINE_bool("allow_config_change", False, "Resume even though the config changed.")
 _WANDB = flags.DEFINE_string("wandb_project", None, "Also log to this Weights & Biases project (needs wandb).")
@@ -81,6 +88,8 @@ def main(argv):
         build = experiments.builder(_CACHE.value)
         if _MODE.value == "analyze":
             summary = analyze(_CONFIG.value, workdir, build) if lead else None
+        elif _MODE.value == "cluster":
+            summary = cluster_summary(cluster_workdir(_CONFIG.value, workdir, build, _CLUSTER.value)) if lead else None
         else:
             options = RunOptions(
                 quiet=_QUIET.value, fresh=_FRESH.value, allow_config_change=_ALLOW.value, wandb_project=_WANDB.value
@@ -98,7 +107,17 @@ def main(argv):
         sys.exit(1)
     if lead and summary is not None:  # other processes: outputs come from process 0
         print(format_summary(summary))
-        print(f"outputs in {workdir}")
+        print(f"outputs in {os.path.join(workdir, 'clustering') if _MODE.value == 'cluster' else workdir}")
+
+
+def cluster_summary(clusters: dict) -> dict:
+    """The printed lines of a clustering: sizes, stops, stability and ground-truth scores."""
+    out = {k: clusters[k] for k in ("n_samples", "n_subcomponents", "n_groups")}
+    out["stop"] = clusters["seeds"][0]["stop"]
+    out.update({f"stability/{k}": v for k, v in clusters["stability"].items()})
+    out.update({f"truth/{k}": v for k, v in clusters["evaluation"].items()})
+    out["largest_groups"] = str([g["size"] for g in clusters["groups"][:10]])
+    return out
 
 
 def config_path_arg(argv) -> str | None:

@@ -27,6 +27,8 @@ class Experiment:
       decomposition (flat, JSON-able) and PNG figures in `workdir` (None: no figures); None if the
       family has no ground truth.
     info: facts about the target worth recording (e.g. the seed its training ended up using).
+    mechanisms: `(params, target, sigmoid) -> spdjax.clustering.MechanismTruth`, the mechanism each
+      subcomponent serves (the ground truth clusterings are scored against); None if unknown.
     """
 
     target: Target
@@ -34,6 +36,7 @@ class Experiment:
     analyze: Callable[..., dict] | None = None
     info: dict = dataclasses.field(default_factory=dict)
     host_data: HostData | None = None
+    mechanisms: Callable[..., Any] | None = None
 
     def __post_init__(self):
         if (self.batch_fn is None) == (self.host_data is None):

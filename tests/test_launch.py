@@ -37,6 +37,27 @@ def test_smoke_launch(tmp_path, config):
     assert (run / "decomposition" / "decomposition.safetensors").exists()
     assert list(run.glob("*.png"))
     assert s["target/cached"] is False
+    if config == "tms_5-2_id":
+        clusters = cluster(config + ".py:smoke", run, tmp_path / "cache")
+        assert {m[0] for g in clusters["groups"] for m in g["members"]} <= {"linear1", "linear2", "linear2.pre_identity"}
+        assert {"ari", "purity", "separated"} <= set(clusters["evaluation"])
+
+
+def cluster(config_arg: str, workdir: Path, cache: Path) -> dict:
+    """launch.py --mode=cluster on a finished run: clusters.json, history and figures written."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), f"--config={ROOT / 'configs' / config_arg}", f"--workdir={workdir}",
+         f"--cache_dir={cache}", "--mode=cluster", "--cluster.seeds=2", "--cluster.n_samples=2000"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "truth/ari" in proc.stdout and "stability/stop/mean" in proc.stdout
+    out = workdir / "clustering"
+    for name in ("merge_history.npz", "cost_curve.png", "coactivation.png"):
+        assert (out / name).stat().st_size > 0, name
+    clusters = json.loads((out / "clusters.json").read_text())
+    assert clusters["n_samples"] == 2000 and sum(g["size"] for g in clusters["groups"]) == clusters["n_subcomponents"]
+    return clusters
 
 
 def test_second_launch_reuses_cached_target(tmp_path):
@@ -75,6 +96,9 @@ def test_smoke_launch_resid_mlp(tmp_path, config, arg, n_layers):
         assert "loss/stochastic_recon_layerwise" not in metrics
     assert "eval/loss/pgd_recon_layerwise" in (run / "eval.jsonl").read_text()
     assert list(run.glob("*.png"))
+    if config == "resid_mlp2_reference":
+        clusters = cluster(f"{config}.py:{arg}", run, tmp_path / "cache")
+        assert "cross_layer" in clusters["evaluation"] or all(g["size"] == 1 for g in clusters["groups"])
 
 
 def test_analyze_mode_regenerates_the_summary(tmp_path):

@@ -11,7 +11,7 @@ import functools
 from pathlib import Path
 
 import spdjax
-from experiments.resid_mlp.analysis import make_analyze
+from experiments.resid_mlp.analysis import ONE_HOT_VALUE, make_analyze
 from experiments.resid_mlp.model import (
     ResidMLP,
     neuron_contributions,
@@ -25,6 +25,7 @@ from experiments.resid_mlp.train_target import (
     sample_features,
     train_resid_mlp,
 )
+from spdjax.clustering import one_hot_mechanisms
 from spdjax.experiment import Experiment
 
 __all__ = [
@@ -72,4 +73,10 @@ def build(run, cache_dir: Path | None) -> Experiment:
     flat["cached"] = bool(info.get("cached", False))
     if "cache_file" in info:
         flat["cache_file"] = info["cache_file"]
-    return Experiment(target=target, batch_fn=batch_fn, analyze=analyze, info=flat)
+    mechanisms = functools.partial(one_hot_mechanisms, n_features=n_f, value=ONE_HOT_VALUE, layer_of=site_layer)
+    return Experiment(target=target, batch_fn=batch_fn, analyze=analyze, info=flat, mechanisms=mechanisms)
+
+
+def site_layer(name: str) -> int:
+    """`layers.<i>.mlp_in` -> i."""
+    return int(name.split(".")[1])

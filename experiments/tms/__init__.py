@@ -11,7 +11,7 @@ import functools
 from pathlib import Path
 
 import spdjax
-from experiments.tms.analysis import make_analyze
+from experiments.tms.analysis import ONE_HOT_VALUE, make_analyze
 from experiments.tms.model import TMS, represented_features, tms_forward, tms_from_weights
 from experiments.tms.train_target import (
     TMSTargetConfig,
@@ -20,6 +20,7 @@ from experiments.tms.train_target import (
     train_represented,
     train_tms,
 )
+from spdjax.clustering import one_hot_mechanisms
 from spdjax.experiment import Experiment
 
 __all__ = [
@@ -61,7 +62,8 @@ def build(run, cache_dir: Path | None) -> Experiment:
         info=info,
     )
     info = flat_info(info)
-    return Experiment(target=target, batch_fn=batch_fn, analyze=analyze, info=info)
+    mechanisms = functools.partial(one_hot_mechanisms, n_features=n_f, value=ONE_HOT_VALUE)
+    return Experiment(target=target, batch_fn=batch_fn, analyze=analyze, info=info, mechanisms=mechanisms)
 
 
 def flat_info(info: dict) -> dict:

@@ -213,3 +213,111 @@ def test_compacted_segments_keep_the_state_exact():
     slots = np.flatnonzero(h.alive)
     sub = g[:, labels[slots]].astype(np.int64)
     np.testing.assert_array_equal(h.coact[np.ix_(slots, slots)], sub.T @ sub)
+
+
+# ---------------------------------------------------------------- inputs, groups, evaluation, output
+
+
+def test_binarize_keeps_frequent_subcomponents_in_site_order():
+    rng = np.random.default_rng(0)
+    ci = {"b": rng.random((200, 4)) * np.array([1, 0.005, 1, 1]), "a": rng.random((200, 3)) * 0.3}
+    ci["a"][:, 1] = 0.0
+    ci["a"][:3, 2] = 0.9  # active on 3 of 200 rows (1.5%)
+    ci["a"][3:, 2] = 0.0
+    acts = cl.binarize(ci, tau=0.1, freq_floor=0.02)
+    kept_b = [0, 2, 3]
+    kept_a = [c for c in range(3) if (ci["a"][:, c] > 0.1).mean() >= 0.02]
+    assert acts.members == tuple([("b", c) for c in kept_b] + [("a", c) for c in kept_a])
+    want = np.concatenate([ci["b"][:, kept_b], ci["a"][:, kept_a]], axis=1) > 0.1
+    np.testing.assert_array_equal(acts.acts, want)
+    np.testing.assert_allclose(acts.frequency, want.mean(0))
+    assert acts.n_dropped == {"b": 1, "a": 3 - len(kept_a)} and ("a", 2) not in acts.members
+    assert cl.binarize(ci, tau=0.1, freq_floor=0.02, sites=["a"]).members == tuple(("a", c) for c in kept_a)
+    with pytest.raises(ValueError, match="different numbers of rows"):
+        cl.binarize({"a": np.zeros((3, 2)), "b": np.zeros((4, 2))})
+    with pytest.raises(ValueError, match="tau"):
+        cl.binarize(ci, tau=1.5)
+    with pytest.raises(ValueError, match="no causal importances"):
+        cl.binarize(ci, sites=["c"])
+
+
+def test_rows_samples_the_same_positions_for_every_site():
+    from spdjax.clustering.inputs import rows
+
+    ci = np.arange(2 * 5 * 3, dtype=float).reshape(2, 5, 3)
+    assert rows(ci).shape == (10, 3)
+    a = rows(ci, 2, np.random.default_rng([1, 0]))
+    b = rows(ci + 1000, 2, np.random.default_rng([1, 0]))
+    assert a.shape == (4, 3)
+    np.testing.assert_array_equal(a + 1000, b)
+    pos = (a[:, 0] % 15) // 3  # position of each row within its sequence
+    assert len(set(pos[:2])) == 2 and len(set(pos[2:])) == 2  # distinct positions per sequence
+    with pytest.raises(ValueError, match="positions_per_sequence"):
+        rows(ci, 6)
+
+
+def test_groups_stability_and_output_files(tmp_path):
+    import json
+
+    acts, truth = planted_groups(n_groups=8, n_samples=2000, noise=0.02, max_size=4, seed=3)
+    members = tuple(("s0" if j % 2 else "s1", j) for j in range(acts.shape[1]))
+    a = cl.Activations(acts, members, acts.mean(0), {"s0": 0, "s1": 0}, 0.01, 0.0)
+    c = cl.cluster(a, cl.MergeConfig(alpha=1.0), seeds=(0, 1, 2))
+    groups = c.groups()
+    assert sum(g["size"] for g in groups) == acts.shape[1]
+    for g in groups:  # a group's frequency is where any member is active
+        cols = [m[1] for m in g["members"]]
+        assert g["frequency"] == pytest.approx(acts[:, cols].any(1).mean())
+    st = c.stability()
+    h = c.histories
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    want = np.mean([cl.matching_distance(h[i].labels(), h[j].labels()) for i, j in pairs])
+    assert st["stop/mean"] == pytest.approx(want)
+    t = int(round(0.5 * (acts.shape[1] - 1)))
+    want = max(cl.matching_distance(h[i].labels_at(t), h[j].labels_at(t)) for i, j in pairs)
+    assert st["at_0.5/max"] == pytest.approx(want)
+    assert cl.cluster(a, seeds=(4,)).stability() == {}
+
+    out = cl.write(c, tmp_path / "out", {"ari": 1.0})
+    saved = json.loads((tmp_path / "out" / "clusters.json").read_text())
+    assert saved == json.loads(json.dumps(out)) and saved["evaluation"] == {"ari": 1.0}
+    assert saved["n_groups"] == len(groups) and [s["seed"] for s in saved["seeds"]] == [0, 1, 2]
+    hist = np.load(tmp_path / "out" / "merge_history.npz")
+    np.testing.assert_array_equal(hist["labels"], c.labels)
+    replay = cl.MergeHistory(hist["pairs_1"], hist["dL_1"], hist["L_1"], acts.shape[1], int(hist["stop_1"]), None, None)
+    np.testing.assert_array_equal(replay.labels(), h[1].labels())
+    assert list(hist["members"][:2]) == ["s1/0", "s0/1"]
+    assert (tmp_path / "out" / "cost_curve.png").stat().st_size > 0
+    assert (tmp_path / "out" / "coactivation.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="need at least 2"):
+        cl.cluster(cl.Activations(acts[:, :1], members[:1], acts[:1].mean(0), {}, 0.01, 0.0))
+
+
+def test_evaluate_against_a_hand_computed_truth():
+    members = [("l0", 0), ("l0", 1), ("l1", 0), ("l1", 1), ("id", 0), ("l1", 2)]
+    truth = cl.MechanismTruth({"l0": np.array([0, 1]), "l1": np.array([0, 1, 2]), "id": np.array([-1])},
+                              {"l0": 0, "l1": 1, "id": 1})
+    labels = np.array([0, 1, 0, 1, 1, 1])  # group 1 mixes mechanisms 1 and 2 (and the unscored identity)
+    out = cl.evaluate(labels, members, truth)
+    scored = np.array([0, 1, 0, 1, 2])
+    pred = np.array([0, 1, 0, 1, 1])
+    assert out["n_scored"] == 5 and out["n_groups"] == 2 and out["n_mechanisms"] == 3
+    assert out["ari"] == pytest.approx(cl.adjusted_rand_index(pred, scored))
+    assert out["purity"] == pytest.approx(4 / 5)
+    assert out["separated"] == pytest.approx(1 / 3)  # only mechanism 0 is alone in its group
+    assert out["cross_layer"] == 1.0  # both groups hold layer 0 and layer 1 members
+    out = cl.evaluate(np.array([0, 1, 2, 3, 4, 5]), members, truth)
+    assert out["separated"] == 1.0 and "cross_layer" not in out  # no group of two or more
+
+
+def test_cluster_mode_refuses_an_apd_run(tmp_path):
+    import importlib.util
+
+    from spdjax.clustering.workflow import cluster_workdir
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("cfg", root / "configs" / "apd_tms_5-2.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(ValueError, match="SPD run"):
+        cluster_workdir(mod.get_config("smoke"), tmp_path, build=None)

@@ -1,0 +1,78 @@
+"""Clustering a finished run: `python launch.py --config=... --workdir=W --mode=cluster [--cluster.alpha=1]`.
+
+Loads `W/decomposition`, computes the causal importances of every site on held-out batches of the
+run's data (`n_samples` rows: inputs, or token positions for sequence models), binarises them, merges
+(`cluster.seeds` seeds), evaluates against the family's ground truth where it has one
+(`Experiment.mechanisms`), and writes `W/clustering/` (`spdjax.clustering.output`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from spdjax import sharding
+from spdjax.clustering import output
+from spdjax.clustering.cluster import Clustering, cluster, evaluate
+from spdjax.clustering.inputs import binarize, causal_importances
+from spdjax.clustering.merge import MergeConfig
+from spdjax.config import parse
+from spdjax.experiment import Build
+from spdjax.runner import held_out_batch
+from spdjax.workdir import WorkdirLock
+
+OUTDIR = "clustering"
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `--cluster.*` settings (clustering.md's defaults; the paper's sampler is exp_rank)."""
+    return ml_collections.ConfigDict(dict(
+        alpha=1.0, sampler="range", range_fraction=0.05, temperature=1.0, rank_rate=0.2, top=64,
+        tau=0.01, freq_floor=0.001, n_samples=8192, positions_per_sequence=0, seeds=1, seed=0, figures=True,
+    ))
+
+
+def merge_config(ccfg) -> MergeConfig:
+    return MergeConfig(alpha=float(ccfg.alpha), sampler=str(ccfg.sampler), range_fraction=float(ccfg.range_fraction),
+                       temperature=float(ccfg.temperature), rank_rate=float(ccfg.rank_rate), top=int(ccfg.top)).validate()
+
+
+def cluster_workdir(cfg: ml_collections.ConfigDict, workdir: str | Path, build: Build,
+                    ccfg: ml_collections.ConfigDict | None = None) -> dict:
+    """Cluster the run in `workdir` (its config `cfg`); returns the written `clusters.json` content."""
+    ccfg = default_config() if ccfg is None else ccfg
+    mcfg = merge_config(ccfg)
+    if int(ccfg.seeds) < 1 or int(ccfg.n_samples) < 1 or int(ccfg.positions_per_sequence) < 0:
+        raise ValueError("cluster.seeds and cluster.n_samples must be >= 1, cluster.positions_per_sequence >= 0")
+    rc = parse(cfg)
+    if rc.method.name != "spd":
+        raise ValueError(f"clustering needs causal importances (an SPD run); this run's method is {rc.method.name!r}")
+    workdir = Path(workdir)
+    if not (workdir / "decomposition").is_dir():
+        raise FileNotFoundError(f"{workdir / 'decomposition'} does not exist: clustering needs a finished run's workdir")
+    with WorkdirLock(workdir):
+        exp = build(rc)
+        params, _ = rc.method.load(workdir / "decomposition", exp.target)
+        clustering, evaluation = cluster_decomposition(params, exp, rc, ccfg, mcfg)
+        return output.write(clustering, workdir / OUTDIR, evaluation, figures=bool(ccfg.figures))
+
+
+def cluster_decomposition(params, exp, rc, ccfg, mcfg: MergeConfig) -> tuple[Clustering, dict | None]:
+    """The clustering of `params` on held-out batches of `exp`, and its ground-truth evaluation (None
+    when the family has none)."""
+    sigmoid = rc.method.settings.loss.sigmoid
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
+    key = jax.random.fold_in(jax.random.key(rc.seed), 0xC105)
+    batches = (held_out_batch(exp, mesh, jax.random.fold_in(key, i), i) for i in itertools.count())
+    ci = causal_importances(params, exp.target, batches, sigmoid, int(ccfg.positions_per_sequence) or None,
+                            seed=int(ccfg.seed), max_rows=int(ccfg.n_samples))
+    acts = binarize(ci, float(ccfg.tau), float(ccfg.freq_floor))
+    clustering = cluster(acts, mcfg, seeds=[int(ccfg.seed) + i for i in range(int(ccfg.seeds))])
+    evaluation = None
+    if exp.mechanisms is not None:
+        truth = exp.mechanisms(params, exp.target, sigmoid)
+        evaluation = evaluate(clustering.labels, acts.members, truth)
+    return clustering, evaluation
