@@ -7,6 +7,9 @@ Re-running the same command resumes from the newest checkpoint in the workdir.
 `--mode=analyze` regenerates the summary and figures of a finished run without training.
 `--mode=cluster` groups a finished SPD run's subcomponents into mechanisms (`spdjax.clustering`) and
 writes WORKDIR/clustering/ (`--cluster.alpha=1 --cluster.seeds=3 --cluster.sampler=exp_rank ...`).
+`--mode=harvest` collects per-subcomponent statistics and examples into WORKDIR/harvest/harvest.sqlite
+(resumable; `--harvest.n_rows=100000 ...`); `--mode=report` also writes WORKDIR/report.html, the
+component browser, which opens offline.
 
 Several hosts: start the same command on every host with `--distributed` (or under Slurm with
 SLURM_NTASKS > 1, detected) and a workdir they all share; `jax.distributed.initialize()` finds the
@@ -25,6 +28,8 @@ import experiments
 from spdjax.checkpoint import CheckpointError
 from spdjax.clustering.workflow import cluster_workdir
 from spdjax.clustering.workflow import default_config as cluster_defaults
+from spdjax.interpret.workflow import default_config as harvest_defaults
+from spdjax.interpret.workflow import harvest_workdir, report_summary, report_workdir
 from spdjax.runner import PREEMPTED_EXIT_CODE, ConfigMismatchError, Preempted, RunOptions, analyze, format_summary, run
 from spdjax.train import NonFiniteError
 from spdjax.workdir import WorkdirError
@@ -35,9 +40,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (a ge
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
 _CACHE = flags.DEFINE_string("cache_dir", ".cache/targets", "Where trained targets are cached.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "analyze", "cluster"], "train (or resume), analyze or cluster a finished run."
+    "mode", "train", ["train", "analyze", "cluster", "harvest", "report"],
+    "train (or resume), or analyze, cluster, harvest or report (component browser) a finished run.",
 )
 _CLUSTER = config_flags.DEFINE_config_dict("cluster", cluster_defaults(), "Clustering settings (--mode=cluster).")
+_HARVEST = config_flags.DEFINE_config_dict("harvest", harvest_defaults(), "Harvest settings (--mode=harvest/report).")
 _FRESH = flags.DEFINE_bool("fresh", False, "Discard the workdir's checkpoints and metrics; start over.")
 _ALLOW = flags.DEFINE_bool("allow_config_change", False, "Resume even though the config changed.")
 _WANDB = flags.DEFINE_string("wandb_project", None, "Also log to this Weights & Biases project (needs wandb).")
@@ -88,6 +95,9 @@ def main(argv):
         build = experiments.builder(_CACHE.value)
         if _MODE.value == "analyze":
             summary = analyze(_CONFIG.value, workdir, build) if lead else None
+        elif _MODE.value in ("harvest", "report"):
+            make = harvest_workdir if _MODE.value == "harvest" else report_workdir
+            summary = report_summary(make(_CONFIG.value, workdir, build, _HARVEST.value)) if lead else None
         elif _MODE.value == "cluster":
             summary = cluster_summary(cluster_workdir(_CONFIG.value, workdir, build, _CLUSTER.value)) if lead else None
         else:
@@ -107,7 +117,8 @@ def main(argv):
         sys.exit(1)
     if lead and summary is not None:  # other processes: outputs come from process 0
         print(format_summary(summary))
-        print(f"outputs in {os.path.join(workdir, 'clustering') if _MODE.value == 'cluster' else workdir}")
+        if _MODE.value in ("train", "analyze", "cluster"):
+            print(f"outputs in {os.path.join(workdir, 'clustering') if _MODE.value == 'cluster' else workdir}")
 
 
 def cluster_summary(clusters: dict) -> dict:

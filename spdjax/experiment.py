@@ -18,6 +18,17 @@ from spdjax.data import HostData
 from spdjax.targets.base import Target
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenInfo:
+    """vocab_size; decode: token id -> text shown in the browser; attention: `batch -> {module path:
+    (B, heads, T, T)}` the target's attention patterns, for the sites under each module path (e.g.
+    `blocks.0.attn` for `blocks.0.attn.q`), None if the family gives none."""
+
+    vocab_size: int
+    decode: Callable[[int], str] = str
+    attention: Callable[[Any], dict[str, Array]] | None = None
+
+
 @dataclasses.dataclass
 class Experiment:
     """target: the trained target with its sites chosen (from `run.sites`, `run.tied`, `run.identity`).
@@ -29,6 +40,9 @@ class Experiment:
     info: facts about the target worth recording (e.g. the seed its training ended up using).
     mechanisms: `(params, target, sigmoid) -> spdjax.clustering.MechanismTruth`, the mechanism each
       subcomponent serves (the ground truth clusterings are scored against); None if unknown.
+    tokens: for families whose inputs are token sequences (`TokenInfo`), else None.
+    harvest_data: `i -> the i-th held-out batch, None past the end` for the harvest (None: the sampler
+      with fresh keys, or the host data's held-out batches).
     """
 
     target: Target
@@ -37,6 +51,8 @@ class Experiment:
     info: dict = dataclasses.field(default_factory=dict)
     host_data: HostData | None = None
     mechanisms: Callable[..., Any] | None = None
+    tokens: TokenInfo | None = None
+    harvest_data: Callable[[int], Any] | None = None
 
     def __post_init__(self):
         if (self.batch_fn is None) == (self.host_data is None):

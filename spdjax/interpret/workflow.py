@@ -1,0 +1,92 @@
+"""Harvest and report a finished run: `python launch.py --config=... --workdir=W --mode=report`.
+
+`--mode=harvest` writes `W/harvest/harvest.sqlite` (resumable: `W/harvest/state.npz`); `--mode=report`
+also writes `W/report.html`, a self-contained page that opens offline, harvesting first unless a
+harvest of the same decomposition with the same `--harvest.*` settings is already there. The cluster
+of each component is shown when `W/clustering/clusters.json` exists (`--mode=cluster`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import ml_collections
+
+from spdjax.config import parse
+from spdjax.experiment import Build
+from spdjax.interpret import store
+from spdjax.interpret.harvest import HarvestConfig, decomposition_hash, run_harvest, write_harvest
+from spdjax.metrics_writer import read_metrics
+from spdjax.version import __version__
+from spdjax.workdir import CONFIG_FILE, WorkdirLock, read_json
+
+HARVEST_DIR = "harvest"
+HARVEST_FILE = "harvest.sqlite"
+REPORT = "report.html"
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `--harvest.*` settings (`HarvestConfig`)."""
+    return ml_collections.ConfigDict(dataclasses.asdict(HarvestConfig()))
+
+
+def harvest_config(hcfg) -> HarvestConfig:
+    fields = {f.name: f.type for f in dataclasses.fields(HarvestConfig)}
+    unknown = set(hcfg) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown harvest settings {sorted(unknown)}; allowed: {sorted(fields)}")
+    return HarvestConfig(**{k: type(getattr(HarvestConfig(), k))(v) for k, v in hcfg.items()}).validate()
+
+
+def _check(rc, workdir: Path) -> None:
+    if rc.method.name != "spd":
+        raise ValueError(f"the harvest needs causal importances (an SPD run); this run's method is {rc.method.name!r}")
+    if not (workdir / "decomposition").is_dir():
+        raise FileNotFoundError(f"{workdir / 'decomposition'} does not exist: the harvest needs a finished run's workdir")
+
+
+def harvest_workdir(cfg, workdir: str | Path, build: Build, hcfg=None, reuse: bool = False, log=print) -> Path:
+    """Harvest the run in `workdir`; returns the SQLite file. `reuse`: keep an existing harvest of the
+    same decomposition and settings."""
+    rc, workdir = parse(cfg), Path(workdir)
+    hc = harvest_config(default_config() if hcfg is None else hcfg)
+    _check(rc, workdir)
+    path = workdir / HARVEST_DIR / HARVEST_FILE
+    export = decomposition_hash(workdir / "decomposition")
+    with WorkdirLock(workdir):
+        if reuse and path.exists():
+            meta = store.read_meta(path)
+            if meta.get("export_sha256") == export and meta.get("harvest") == dataclasses.asdict(hc):
+                log(f"harvest: reusing {path}")
+                return path
+        exp = build(rc)
+        params, _ = rc.method.load(workdir / "decomposition", exp.target)
+        acc = run_harvest(params, exp, rc, export, workdir / HARVEST_DIR, hc, log=log)
+        meta = {"config": _read(workdir / CONFIG_FILE), "export_sha256": export, "spdjax_version": __version__,
+                "summary": _read(workdir / "summary.json"),
+                "eval": read_metrics(workdir / "eval.jsonl") if (workdir / "eval.jsonl").exists() else []}
+        clusters = _read(workdir / "clustering" / "clusters.json")
+        return write_harvest(acc, params, exp, rc, meta, path, clusters.get("groups") if clusters else None)
+
+
+def report_workdir(cfg, workdir: str | Path, build: Build, hcfg=None, log=print) -> Path:
+    """Harvest (unless already done) and write `workdir/report.html`."""
+    from spdjax.interpret.report import write_report
+
+    workdir = Path(workdir)
+    path = harvest_workdir(cfg, workdir, build, hcfg, reuse=True, log=log)
+    return write_report(store.read(path), workdir / REPORT, title=f"spdjax: {workdir.name}")
+
+
+def _read(path: Path) -> dict | None:
+    return read_json(path, path.name) if path.exists() else None
+
+
+def report_summary(path: Path) -> dict:
+    """What launch.py prints after a harvest or report."""
+    meta = store.read_meta(path if path.suffix == ".sqlite" else path.parent / HARVEST_DIR / HARVEST_FILE)
+    return {"n_rows": meta["n_rows"], "harvest_seconds": meta["harvest_seconds"], "input_kind": meta["input_kind"],
+            "n_components": sum(s["C"] for s in meta["sites"]), "file": str(path),
+            "file_mib": round(path.stat().st_size / 2**20, 2)}
+
