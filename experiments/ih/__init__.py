@@ -15,12 +15,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 import spdjax
 from experiments.cache import cached_nnx_target
 from experiments.ih.analysis import make_analyze
 from experiments.ih.data import sample
-from experiments.ih.model import InductionTransformer
+from experiments.ih.model import BOS, S_TOKEN, VOCAB, InductionTransformer
 from experiments.ih.train_target import (
     IHTargetConfig,
     circuit_scores,
@@ -28,7 +29,7 @@ from experiments.ih.train_target import (
     last_token_accuracy,
     train,
 )
-from spdjax.experiment import Experiment
+from spdjax.experiment import Experiment, TokenInfo
 from spdjax.fields import dataclass_from, to_dict
 
 __all__ = ["IHTargetConfig", "InductionTransformer", "build", "load_or_train", "sample"]
@@ -64,4 +65,11 @@ def build(run, cache_dir: Path) -> Experiment:
 
     flat = {k: info[k] for k in ("steps", "accuracy", "seed", "train_time_s", "prev_token_score", "induction_score")}
     flat["cached"] = bool(info.get("cached", False))
-    return Experiment(target=target, batch_fn=batch_fn, analyze=analyze, info=flat)
+    graph, state = nnx.split(model)
+
+    def attention(batch):  # pure (jittable): {module path: (B, 1 head, T, T)}
+        patterns = nnx.merge(graph, state).patterns(batch["tokens"])
+        return {f"blocks.{i}.attn": p[:, None] for i, p in enumerate(patterns)}
+
+    tokens = TokenInfo(VOCAB, lambda t: {BOS: "<bos>", S_TOKEN: "S"}.get(t, str(t)), attention)
+    return Experiment(target=target, batch_fn=batch_fn, analyze=analyze, info=flat, tokens=tokens)

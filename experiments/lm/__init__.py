@@ -23,7 +23,7 @@ from experiments.lm.evaluation import make_analyze
 from experiments.lm.model import LlamaLM
 from experiments.lm.train_target import LMTargetConfig, held_windows, load_or_train
 from spdjax.data import GrainData
-from spdjax.experiment import Experiment
+from spdjax.experiment import Experiment, TokenInfo
 from spdjax.fields import dataclass_from, to_dict
 
 __all__ = ["LMTargetConfig", "abstract_batch", "abstract_target", "build", "load_or_train"]
@@ -61,9 +61,19 @@ def build(run, cache_dir: Path) -> Experiment:
     held = np.ascontiguousarray(held)
     flat = {k: info[k] for k in ("steps", "seed", "train_time_s", "ce", "unigram_ce", "zero_ablation_ce")}
     flat["cached"] = bool(info.get("cached", False))
+    all_held = data.windows(corpus.held_out, tcfg.seq_len)
+    tokenizer = corpus.tokenizer()
+    graph, state = nnx.split(model)
+
+    def attention(batch):  # pure (jittable): {module path: (B, H, T, T)}
+        return {f"blocks.{i}.attn": p for i, p in enumerate(nnx.merge(graph, state).patterns(batch["tokens"]))}
+
+    B = run.eval_batch_size
     return Experiment(
         target=target,
         host_data=GrainData(train, lambda index: {"tokens": held[rank::n_proc]}),
-        analyze=make_analyze({"tokens": held}, run.seed, all_held=data.windows(corpus.held_out, tcfg.seq_len)),
+        analyze=make_analyze({"tokens": held}, run.seed, all_held=all_held),
         info=flat,
+        tokens=TokenInfo(tcfg.shape.vocab_size, lambda t: tokenizer.decode([t]), attention),
+        harvest_data=lambda i: {"tokens": all_held[i * B:(i + 1) * B]} if i * B < len(all_held) else None,
     )

@@ -59,6 +59,10 @@ class Attention(nnx.Module):
         self.o = nnx.Linear(s.d_model, s.d_model, use_bias=False, rngs=rngs)
 
     def __call__(self, x: Float[Array, "B T d"]) -> Float[Array, "B T d"]:
+        return self.run(x)[0]
+
+    def run(self, x: Float[Array, "B T d"]) -> tuple[Float[Array, "B T d"], Float[Array, "B H T T"]]:
+        """The output and the attention pattern, heads in order (kv group major)."""
         s = self.s
         B, T, _ = x.shape
         q = rope(self.q(x).reshape(B, T, s.n_heads, s.head_dim), s.rope_base)
@@ -70,7 +74,7 @@ class Attention(nnx.Module):
         causal = jnp.tril(jnp.ones((T, T), bool))
         attn = jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(scores.dtype).min), axis=-1)
         out = jnp.einsum("bkgts,bskd->btkgd", attn, v).reshape(B, T, s.d_model)
-        return self.o(out)
+        return self.o(out), attn.reshape(B, s.n_heads, T, T)
 
 
 class MLP(nnx.Module):
@@ -109,6 +113,16 @@ class LlamaLM(nnx.Module):
         for block in self.blocks:
             x = block(x)
         return self.unembed(self.norm(x))
+
+    def patterns(self, tokens: Int[Array, "B T"]) -> list[Float[Array, "B H T T"]]:
+        """Each block's attention pattern on `tokens`."""
+        x, out = self.embed(tokens), []
+        for block in self.blocks:
+            y, attn = block.attn.run(block.attn_norm(x))
+            x = x + y
+            x = x + block.mlp(block.mlp_norm(x))
+            out.append(attn)
+        return out
 
 
 def next_token_ce(logits: Float[Array, "B T V"], tokens: Int[Array, "B T"]) -> Float[Array, ""]:

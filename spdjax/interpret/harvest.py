@@ -258,7 +258,6 @@ def run_harvest(params, exp, rc, export_sha256: str, outdir: Path, cfg: HarvestC
                 log(f"harvest: resuming after {int(acc.arrays['batches'])} batches ({int(acc.arrays['rows'])} rows)")
             else:
                 log(f"harvest: {state_file} was made from another decomposition or settings; starting over")
-    rng_root = np.random.SeedSequence([cfg.seed, 0x4A7])
     start = time.perf_counter()
     i = int(acc.arrays["batches"])
     attn_jit = jax.jit(attn_fn) if attn_fn else None
@@ -278,7 +277,7 @@ def run_harvest(params, exp, rc, export_sha256: str, outdir: Path, cfg: HarvestC
             attn = {p: v[:keep] for p, v in attn.items()} if attn else None
             batch = jax.tree.map(lambda a: a[:keep], batch)
         x = None if tokens is not None else np.asarray(_features(batch)).reshape(ci.shape[0], -1)
-        rng = np.random.default_rng(rng_root.spawn(i + 1)[-1])
+        rng = np.random.default_rng([cfg.seed, 0x4A7, i])  # a function of the batch index: resumes exactly
         accumulate(acc, np.asarray(ci), np.asarray(act), tokens, x, attn, col_attn, rng)
         i += 1
         if i % cfg.save_every == 0:
