@@ -37,6 +37,7 @@ from spdjax.sites import inner_acts
 STATE = "state.npz"
 HIST_BINS = 20
 MAX_WEIGHT = 48
+ATTENTION_EXAMPLES = 3  # attention rows are stored for the top examples of these ranks only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,13 +342,14 @@ def write_harvest(acc: Accumulator, params, exp, rc, meta: dict, path: Path, clu
         p = {f: a[slot, j] for f, a in sample.payload.items()}
         if not tokens:
             nz = np.flatnonzero(p["x"])
-            return {"features": [[int(i), float(p["x"][i])] for i in nz], "ci": float(p["ci"]), "act": float(p["act"])}
+            return {"features": [[int(i), round(float(p["x"][i]), 4)] for i in nz], "ci": round(float(p["ci"]), 4),
+                    "act": round(float(p["act"]), 4)}
         ok = p["tok"] >= 0
         out = {"tokens": [vocab_text[t] for t in p["tok"][ok]], "center": int(cfg.window - np.argmax(ok)),
-               "ci": np.round(p["ci"][ok], 4).tolist(), "act": np.round(p["act"][ok], 4).tolist(), "attention": None}
-        if "attn" in p and exp.target.sites:
+               "ci": _rounded(p["ci"][ok]), "act": _rounded(p["act"][ok]), "attention": None}
+        if "attn" in p and slot < ATTENTION_EXAMPLES:
             a = p["attn"][:, ok]
-            out["attention"] = np.round(a, 4).tolist() if a.any() else None
+            out["attention"] = _rounded(a) if a.any() else None
         return out
 
     examples = []
@@ -382,8 +384,8 @@ def write_harvest(acc: Accumulator, params, exp, rc, meta: dict, path: Path, clu
         one_hot = metrics.one_hot_ci(params, exp.target, width, cfg.one_hot_value, rc.method.settings.loss.sigmoid)
         rows_oh, rows_w = [], []
         for j, (s, c) in enumerate(members):
-            rows_oh.append((j, json.dumps(np.round(np.asarray(one_hot[s.name])[:, c], 4).tolist())))
-            rows_w.append((j, *rank_one_weight(site_components(params.components, s), c, s.tied_to is not None)))
+            rows_oh.append((j, json.dumps(_rounded(np.asarray(one_hot[s.name])[:, c], 4))))
+            rows_w.append((j, *rank_one_weight(site_components(params.components, s), c)))
         con.executemany("INSERT INTO one_hot VALUES (?, ?)", rows_oh)
         con.executemany("INSERT INTO weights VALUES (?, ?, ?, ?)", rows_w)
     con.commit()
@@ -395,11 +397,16 @@ def write_harvest(acc: Accumulator, params, exp, rc, meta: dict, path: Path, clu
     return path
 
 
-def rank_one_weight(comp, c: int, tied: bool) -> tuple[str, str, str]:
+def _rounded(a: np.ndarray, digits: int = 3) -> list:
+    """Values rounded in float64 (float32's repr would print ~17 digits) for compact JSON."""
+    return np.round(np.asarray(a, np.float64), digits).tolist()
+
+
+def rank_one_weight(comp, c: int) -> tuple[str, str, str]:
     """JSON (row labels, column labels, values) of V_c U_c `(d_in, d_out)`, cut to the `MAX_WEIGHT` rows
     and columns of largest magnitude (kept in index order)."""
     v, u = np.asarray(comp.V[:, c], np.float64), np.asarray(comp.U[c], np.float64)
     rows = np.sort(np.argsort(-np.abs(v), kind="stable")[:MAX_WEIGHT])
     cols = np.sort(np.argsort(-np.abs(u), kind="stable")[:MAX_WEIGHT])
     w = np.outer(v[rows], u[cols])
-    return json.dumps(rows.tolist()), json.dumps(cols.tolist()), json.dumps(np.round(w, 5).tolist())
+    return json.dumps(rows.tolist()), json.dumps(cols.tolist()), json.dumps(_rounded(w, 5))
