@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from spdjax import metrics
 from spdjax.clustering.compare import adjusted_rand_index, matching_distance, purity
 from spdjax.clustering.inputs import Activations
 from spdjax.clustering.merge import MergeConfig, MergeHistory, merge
@@ -125,8 +126,6 @@ def one_hot_mechanisms(
     """The toys' ground truth: each subcomponent serves the feature whose one-hot input `value * e_f`
     gives it the largest CI (-1 where that CI is below `threshold`, and for sites of `none_kinds`,
     e.g. identity subcomponents, which every feature uses). `layer_of(site name) -> int` names layers."""
-    from spdjax import metrics
-
     ci = metrics.one_hot_ci(params, target, n_features, value, sigmoid)
     labels = {}
     for spec in target.sites:

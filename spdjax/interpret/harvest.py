@@ -29,9 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spdjax import metrics, sharding
 from spdjax.clustering.mdl import coactivations
 from spdjax.components import site_components
+from spdjax.interpret import store
 from spdjax.losses.forward import clean_forward, compute_ci
+from spdjax.runner import held_out_batch
 from spdjax.sites import inner_acts
 
 STATE = "state.npz"
@@ -156,8 +159,6 @@ class Accumulator:
 def harvest_batches(exp, rc, mesh) -> Callable[[int], Any]:
     """`i -> batch i` of the held-out stream (`exp.harvest_data` when the family has one, else its
     sampler with keys folded from the seed, or its host data's held-out batches); None past the end."""
-    from spdjax.runner import held_out_batch
-
     if exp.harvest_data is not None:
         return exp.harvest_data
     key = jax.random.fold_in(jax.random.key(rc.seed), 0x4A7)
@@ -226,8 +227,6 @@ def accumulate(acc: Accumulator, ci: np.ndarray, act: np.ndarray, batch_tokens, 
 def run_harvest(params, exp, rc, export_sha256: str, outdir: Path, cfg: HarvestConfig, log=print) -> Accumulator:
     """Harvest `params` on `exp`'s held-out stream into an `Accumulator`, resuming from (and saving
     to) `outdir/state.npz`."""
-    from spdjax import sharding
-
     cfg.validate()
     sigmoid = rc.method.settings.loss.sigmoid
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
@@ -312,9 +311,6 @@ def _features(batch):
 
 def write_harvest(acc: Accumulator, params, exp, rc, meta: dict, path: Path, clusters: list | None = None) -> Path:
     """The accumulated harvest as the SQLite file `path` (written beside it, then renamed into place)."""
-    from spdjax import metrics
-    from spdjax.interpret import store
-
     cfg, A = acc.cfg, acc.arrays
     sites = exp.target.sites
     rows = max(int(A["rows"]), 1)

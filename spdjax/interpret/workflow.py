@@ -17,6 +17,7 @@ from spdjax.config import parse
 from spdjax.experiment import Build
 from spdjax.interpret import store
 from spdjax.interpret.harvest import HarvestConfig, decomposition_hash, run_harvest, write_harvest
+from spdjax.interpret.report import write_report
 from spdjax.metrics_writer import read_metrics
 from spdjax.version import __version__
 from spdjax.workdir import CONFIG_FILE, WorkdirLock, read_json
@@ -72,8 +73,6 @@ def harvest_workdir(cfg, workdir: str | Path, build: Build, hcfg=None, reuse: bo
 
 def report_workdir(cfg, workdir: str | Path, build: Build, hcfg=None, log=print) -> Path:
     """Harvest (unless already done) and write `workdir/report.html`."""
-    from spdjax.interpret.report import write_report
-
     workdir = Path(workdir)
     path = harvest_workdir(cfg, workdir, build, hcfg, reuse=True, log=log)
     return write_report(store.read(path), workdir / REPORT, title=f"spdjax: {workdir.name}")
