@@ -385,7 +385,7 @@ def write_harvest(acc: Accumulator, params, exp, rc, meta: dict, path: Path, clu
         con.executemany("INSERT INTO one_hot VALUES (?, ?)", rows_oh)
         con.executemany("INSERT INTO weights VALUES (?, ?, ?, ?)", rows_w)
     con.commit()
-    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.execute("PRAGMA journal_mode=DELETE")  # finished: one self-contained file (WAL only while writing)
     con.close()
     tmp.replace(path)
     for suffix in ("-wal", "-shm"):

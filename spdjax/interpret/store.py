@@ -113,7 +113,8 @@ def read(path: str | Path) -> dict:
                 "SELECT component, which, token, count, pmi FROM token_stats ORDER BY component, which, rank"):
             by_id[cid]["tokens"].setdefault(which, []).append({"token": token, "count": count, "pmi": pmi})
         for cid, other, count, p, r, j in con.execute(
-                "SELECT component, other, count, precision, recall, jaccard FROM coactivation ORDER BY component, rank"):
+                "SELECT component, other, count, precision, recall, jaccard FROM coactivation "
+                "ORDER BY component, rank"):
             by_id[cid]["coactive"].append({"other": other, "count": count, "precision": p, "recall": r, "jaccard": j})
         for cid, ci in con.execute("SELECT component, ci FROM one_hot"):
             by_id[cid]["one_hot"] = json.loads(ci)

@@ -25,6 +25,7 @@ from spdjax.workdir import CONFIG_FILE, WorkdirLock, read_json
 HARVEST_DIR = "harvest"
 HARVEST_FILE = "harvest.sqlite"
 REPORT = "report.html"
+REPORT_TOP, REPORT_RANDOM = 8, 4  # examples per component in the page
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -75,7 +76,20 @@ def report_workdir(cfg, workdir: str | Path, build: Build, hcfg=None, log=print)
     """Harvest (unless already done) and write `workdir/report.html`."""
     workdir = Path(workdir)
     path = harvest_workdir(cfg, workdir, build, hcfg, reuse=True, log=log)
-    return write_report(store.read(path), workdir / REPORT, title=f"spdjax: {workdir.name}")
+    return write_report(trimmed(store.read(path)), workdir / REPORT, title=f"spdjax: {workdir.name}")
+
+
+def trimmed(harvest: dict, top: int = REPORT_TOP, random: int = REPORT_RANDOM) -> dict:
+    """The harvest with at most `top` / `random` examples per component and attention rows on the first
+    top example only, so a language model's report stays one file of tens of MiB (the SQLite file
+    keeps everything)."""
+    for c in harvest["components"]:
+        ex = c["examples"]
+        ex["top"], ex["random"] = ex.get("top", [])[:top], ex.get("random", [])[:random]
+        for i, e in enumerate(ex["top"] + ex["random"]):
+            if i > 0 and "attention" in e:
+                e["attention"] = None
+    return harvest
 
 
 def _read(path: Path) -> dict | None:

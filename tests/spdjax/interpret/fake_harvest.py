@@ -48,7 +48,7 @@ def token_harvest() -> dict:
                 cis = [0.0, 0.02, round(0.95 - 0.1 * r - 0.2 * (sampling == "random"), 3), 0.4, 0.01]
                 att = [[0.1, 0.2, 0.4, 0.2, 0.1], [0.6, 0.1, 0.1, 0.1, 0.1]] if c["site"] == ATTN else None
                 c["examples"][sampling].append(_token_example(toks, cis, att))
-        c["tokens"]["input"] = [{"token": "cat" if k == 1 else words[(k + 2 + j) % len(words)],
+        c["tokens"]["input"] = [{"token": "cat" if (k, j) == (1, 0) else words[(k + 2 + j) % len(words)],
                                  "count": 30 - 7 * j, "pmi": round(2.0 - 0.5 * j, 3)} for j in range(3)]
         c["tokens"]["next"] = [{"token": words[(k + 5 + j) % len(words)], "count": 20 - 5 * j,
                                 "pmi": round(1.5 - 0.4 * j, 3)} for j in range(2)]
