@@ -18,3 +18,5 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import jax  # noqa: E402
 
 jax.config.update("jax_disable_most_optimizations", True)
+
+from browser import driver  # noqa: E402, F401  (the headless Chromium fixture, for every test that reads a page)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from browser import check_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["tms_5-2", "tms_5-2_id", "tms_40-10", "tms_40-10_id"]
@@ -25,7 +26,7 @@ def launch(config: str, workdir: Path, cache: Path, *extra: str) -> dict:
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_smoke_launch(tmp_path, config):
+def test_smoke_launch(tmp_path, config, request):
     s = launch(config, tmp_path / "run", tmp_path / "cache")
     for key in ("mmcs", "ml2r", "n_alive", "identity_ci_error", "wall_time_s", "ci_l0/linear1"):
         assert key in s, key
@@ -41,6 +42,22 @@ def test_smoke_launch(tmp_path, config):
         clusters = cluster(config + ".py:smoke", run, tmp_path / "cache")
         assert {m[0] for g in clusters["groups"] for m in g["members"]} <= {"linear1", "linear2", "linear2.pre_identity"}
         assert {"ari", "purity", "separated"} <= set(clusters["evaluation"])
+        report = write_report(config + ".py:smoke", run, tmp_path / "cache")
+        best = check_report(request.getfixturevalue("driver"), report, tmp_path / "report.png")
+        assert best["one_hot"] is not None and best["weight"] is not None and best["cluster"] is not None
+
+
+def write_report(config_arg: str, workdir: Path, cache: Path) -> Path:
+    """launch.py --mode=report on a finished run: the harvest file and the page written."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), f"--config={ROOT / 'configs' / config_arg}", f"--workdir={workdir}",
+         f"--cache_dir={cache}", "--mode=report", "--harvest.n_rows=4096"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (workdir / "harvest" / "harvest.sqlite").stat().st_size > 0
+    assert str(workdir / "report.html") in proc.stdout
+    return workdir / "report.html"
 
 
 def cluster(config_arg: str, workdir: Path, cache: Path) -> dict:
@@ -99,6 +116,7 @@ def test_smoke_launch_resid_mlp(tmp_path, config, arg, n_layers):
     if config == "resid_mlp2_reference":
         clusters = cluster(f"{config}.py:{arg}", run, tmp_path / "cache")
         assert "cross_layer" in clusters["evaluation"] or all(g["size"] == 1 for g in clusters["groups"])
+        assert write_report(f"{config}.py:{arg}", run, tmp_path / "cache").stat().st_size > 0
 
 
 def test_analyze_mode_regenerates_the_summary(tmp_path):

@@ -1,16 +1,19 @@
 """The induction-head toy: its data generator, the target's shapes, the circuit scores and the cached
 state's round trip (the decomposition recipe is issue 25's open part)."""
 
+import dataclasses
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from browser import check_report
 from flax import nnx
 
 from experiments.ih import data as ih_data
 from experiments.ih.model import BOS, S_TOKEN, VOCAB, InductionTransformer
 from experiments.ih.train_target import IHTargetConfig, circuit_scores, flat_state, from_flat_state, train
+from spdjax.interpret.harvest import HarvestConfig
 
 
 def test_sequences_follow_the_spec():
@@ -62,7 +65,7 @@ def test_training_runs_and_state_round_trips():
     np.testing.assert_array_equal(again(tokens), model(tokens))
 
 
-def test_smoke_run_end_to_end(tmp_path):
+def test_smoke_run_end_to_end(tmp_path, request):
     """configs/ih.py:smoke through the runner: a briefly trained target, q/k/v/o of both layers decomposed
     with KL on the last position, and the analysis keys."""
     from helpers import run_config
@@ -81,3 +84,15 @@ def test_smoke_run_end_to_end(tmp_path):
     assert s["steps"] == 6 and "final/loss/ci_masked_recon" in s
     for fig in ("ih_attention", "ih_attention_offsets", "ih_ablation", "ih_qk_offset", "ih_ci_tokens"):
         assert (tmp_path / "run" / f"{fig}.png").stat().st_size > 0, fig
+
+    # the component browser of the finished run: token examples with the attention row of attention sites
+    import experiments
+    from spdjax.interpret import store
+    from spdjax.interpret.workflow import report_workdir
+
+    page = report_workdir(cfg, tmp_path / "run", experiments.builder(tmp_path / "cache"),
+                          {**dataclasses.asdict(HarvestConfig()), "n_rows": 2048}, log=lambda s: None)
+    meta = store.read_meta(tmp_path / "run" / "harvest" / "harvest.sqlite")
+    assert meta["input_kind"] == "tokens" and meta["n_rows"] >= 2048 and meta["summary"]["steps"] == 6
+    best = check_report(request.getfixturevalue("driver"), page, tmp_path / "report.png")
+    assert best["examples"]["top"][0]["attention"] and best["tokens"]["input"]

@@ -34,6 +34,20 @@ def test_smoke_run_end_to_end_and_a_sigkill_resumes_exactly(tmp_path):
     for k in ("ci_l0/blocks.1.mlp.down_proj", "ci_l0_layer/0", "n_alive_mean_ci/blocks.0.attn.q", "n_alive/blocks.0.attn.v"):
         assert k in s, k
 
+    # the component browser of the finished run (harvest over the held-out plays, tokens decoded)
+    import experiments
+    from spdjax.interpret import store
+    from spdjax.interpret.workflow import report_workdir
+
+    cfg = load_config_file(CONFIG, "smoke")
+    cfg.update_from_flattened_dict(SHORT)
+    page = report_workdir(cfg, tmp_path / "full", experiments.builder(cache), {"n_rows": 1024}, log=lambda s: None)
+    h = store.read(tmp_path / "full" / "harvest" / "harvest.sqlite")
+    assert h["meta"]["input_kind"] == "tokens" and h["meta"]["n_rows"] >= 1024 and page.stat().st_size > 0
+    alive = [c for c in h["components"] if c["n_active"]]
+    assert alive and all(c["tokens"]["input"] and c["examples"]["top"] for c in alive)
+    assert any(e["attention"] for c in alive if ".attn." in c["site"] for e in c["examples"]["top"])
+
     wd = tmp_path / "killed"
     killed = fault_session(wd, cache, "log:4", CONFIG, "smoke", SHORT)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]

@@ -4,17 +4,14 @@ embedded data, and the page itself in headless Chromium (list, search, sort, car
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import sqlite3
 
 import fake_harvest
 import pytest
+from browser import by, card_id, load, open_row, shown_ids, wait
 
 from spdjax.interpret import report, store
-
-BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
 
 @pytest.fixture(scope="module")
@@ -80,82 +77,13 @@ def test_html_non_finite_and_missing_meta():
 
 # ---- in the browser ----
 
-@pytest.fixture(scope="module")
-def driver():
-    """A headless Chromium driven by the system's chromedriver (never Selenium Manager's downloads)."""
-    chromium = next(filter(None, map(shutil.which, BROWSERS)), None)
-    chromedriver = shutil.which("chromedriver")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        webdriver = None
-    missing = [name for name, ok in (("chromium", chromium), ("chromedriver", chromedriver), ("selenium", webdriver))
-               if not ok]
-    if missing:
-        msg = (f"browser tests need {', '.join(missing)} (Debian: apt-get install chromium chromium-driver; "
-               "pip install -e '.[test]')")
-        if os.environ.get("SPDJAX_REQUIRE_BROWSER") == "1":
-            pytest.fail(msg + "; SPDJAX_REQUIRE_BROWSER=1 requires them")
-        pytest.skip(msg)
-    opts = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000",
-                "--allow-file-access-from-files"):
-        opts.add_argument(arg)
-    opts.binary_location = chromium
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    d = webdriver.Chrome(service=Service(executable_path=chromedriver), options=opts)
-    d.set_page_load_timeout(30)
-    yield d
-    d.quit()
-
-
-def _by():
-    from selenium.webdriver.common.by import By
-    return By
-
-
-def _wait(d, cond, timeout=10):
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.support.ui import WebDriverWait
-    wait = WebDriverWait(d, timeout, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,))
-    return wait.until(lambda _: cond())
-
-
-def _load(d, url, n):
-    """Loads `url` fresh (also when only the hash differs) and waits for the n component rows."""
-    d.get("about:blank")
-    d.get(url)
-    _wait(d, lambda: d.execute_script("return document.body.dataset.ready") == "1"
-          and len(d.find_elements(_by().CSS_SELECTOR, "#component-list tr.component-row")) == n)
-
-
-def _shown_ids(d):
-    rows = d.find_elements(_by().CSS_SELECTOR, "#component-list tr.component-row")
-    return [int(r.get_attribute("data-id")) for r in rows if r.is_displayed()]
-
-
-def _card_id(d):
-    # read in one script: the card's elements are rebuilt when it switches
-    m = re.match(r"#(-?\d+) ", d.execute_script("return document.getElementById('card-title')?.textContent || ''"))
-    return int(m.group(1)) if m else None
-
-
-def _open_row(d, cid):
-    d.find_element(_by().CSS_SELECTOR, f'#component-list tr.component-row[data-id="{cid}"]').click()
-    card = d.find_element(_by().ID, "card")
-    _wait(d, lambda: card.is_displayed() and _card_id(d) == cid)
-    assert "open" in card.get_attribute("class").split()
-    return card
-
-
 def _check_common(d, harvest, url, shot):
     """List, search, sort, row click, co-active link, #c=ID on load, charts, console, screenshot."""
-    By = _by()
+    By = by()
     comps = harvest["components"]
     n = len(comps)
     d.get_log("browser")  # drop earlier pages' messages
-    _load(d, url, n)
+    load(d, url, n)
     assert not d.find_element(By.ID, "card").is_displayed()
     assert len(d.find_elements(By.CSS_SELECTOR, "#summary .js-plotly-plot")) >= 2
     assert d.find_element(By.ID, "row-count").text == f"{n} of {n} components"
@@ -163,39 +91,39 @@ def _check_common(d, harvest, url, shot):
     site = comps[-1]["site"]
     search = d.find_element(By.ID, "search")
     search.send_keys(site)
-    assert _shown_ids(d) == [c["id"] for c in comps if c["site"] == site]
+    assert shown_ids(d) == [c["id"] for c in comps if c["site"] == site]
     search.clear()
     search.send_keys("no such text anywhere")
-    assert _shown_ids(d) == []
+    assert shown_ids(d) == []
     search.clear()
     search.send_keys(" ")  # `clear()` fires no input event; this one does
-    assert len(_shown_ids(d)) == n
+    assert len(shown_ids(d)) == n
 
     th = d.find_element(By.CSS_SELECTOR, '#component-list th[data-sort="mean_ci"]')
     by_ci = [c["id"] for c in sorted(comps, key=lambda c: (c["mean_ci"], c["id"]))]
     th.click()
-    assert _shown_ids(d) == by_ci
+    assert shown_ids(d) == by_ci
     th.click()
-    assert _shown_ids(d) == [c["id"] for c in sorted(comps, key=lambda c: (-c["mean_ci"], c["id"]))]
+    assert shown_ids(d) == [c["id"] for c in sorted(comps, key=lambda c: (-c["mean_ci"], c["id"]))]
     assert "sort-desc" in th.get_attribute("class")
 
     c = comps[0]
-    card = _open_row(d, c["id"])
+    card = open_row(d, c["id"])
     title = d.find_element(By.ID, "card-title").text
     assert c["site"] in title and f"/ {c['idx']}" in title
-    _wait(d, lambda: card.find_elements(By.CSS_SELECTOR, "#card-hist.js-plotly-plot .main-svg"))
+    wait(d, lambda: card.find_elements(By.CSS_SELECTOR, "#card-hist.js-plotly-plot .main-svg"))
     other = c["coactive"][0]["other"]
     card.find_element(By.CSS_SELECTOR, f'a.coactive-link[data-id="{other}"]').click()
-    _wait(d, lambda: _card_id(d) == other)
+    wait(d, lambda: card_id(d) == other)
     assert d.execute_script("return location.hash") == f"#c={other}"
 
     last = comps[-1]["id"]
-    _load(d, f"{url}#c={last}", n)
-    _wait(d, lambda: d.find_element(By.ID, "card").is_displayed() and _card_id(d) == last)
+    load(d, f"{url}#c={last}", n)
+    wait(d, lambda: d.find_element(By.ID, "card").is_displayed() and card_id(d) == last)
     assert d.find_elements(By.CSS_SELECTOR, "#card .js-plotly-plot")
     d.find_element(By.ID, "card-close").click()
     assert not d.find_element(By.ID, "card").is_displayed()
-    card = _open_row(d, c["id"])
+    card = open_row(d, c["id"])
 
     severe = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
     assert not severe, severe
@@ -206,7 +134,7 @@ def _check_common(d, harvest, url, shot):
 
 
 def test_browser_tokens(driver, files, tmp_path):
-    By = _by()
+    By = by()
     harvest, _, path = files["tokens"]
     card = _check_common(driver, harvest, path.as_uri(), tmp_path / "tokens.png")
     # card 0 is open: its first top example holds EVIL, shown as text
@@ -223,13 +151,13 @@ def test_browser_tokens(driver, files, tmp_path):
     assert "not harvested" in card.find_element(By.ID, "card-cluster").text
     target = int(links[0].get_attribute("data-id"))
     links[0].click()
-    _wait(driver, lambda: _card_id(driver) == target)
+    wait(driver, lambda: card_id(driver) == target)
     driver.find_element(By.ID, "search").send_keys("cat")  # only component 1's token statistics hold it
-    assert _shown_ids(driver) == [1]
+    assert shown_ids(driver) == [1]
 
 
 def test_browser_features(driver, files, tmp_path):
-    By = _by()
+    By = by()
     harvest, _, path = files["features"]
     card = _check_common(driver, harvest, path.as_uri(), tmp_path / "features.png")
     assert card.find_element(By.CSS_SELECTOR, "#card-one-hot.js-plotly-plot")
@@ -242,14 +170,14 @@ def test_browser_features(driver, files, tmp_path):
 
 def test_browser_minimal(driver, tmp_path):
     """A harvest with no meta and a bare component still renders, and an unknown `#c=ID` says so."""
-    By = _by()
+    By = by()
     harvest = {"meta": {}, "components": [{"id": 0, "site": "s", "idx": 0, "mean_ci": 0.5, "cluster": 3}]}
     url = report.write_report(harvest, tmp_path / "minimal.html", "minimal").as_uri()
     driver.get_log("browser")
-    _load(driver, f"{url}#c=0", 1)
-    _wait(driver, lambda: _card_id(driver) == 0)
+    load(driver, f"{url}#c=0", 1)
+    wait(driver, lambda: card_id(driver) == 0)
     assert "not in this harvest" in driver.find_element(By.ID, "card-cluster").text
-    _load(driver, f"{url}#c=7", 1)
-    _wait(driver, lambda: "not in this harvest" in driver.find_element(By.ID, "card").text)
+    load(driver, f"{url}#c=7", 1)
+    wait(driver, lambda: "not in this harvest" in driver.find_element(By.ID, "card").text)
     assert "no eval losses" in driver.find_element(By.ID, "summary").text
     assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
