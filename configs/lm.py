@@ -62,8 +62,8 @@ def get_config(arg=None):
         cfg.sites = tuple((f"blocks.{i}.{p.split('.', 2)[2]}", c) for i in _span(a.layers, cfg.target.n_layers)
                           for p, c in cfg.sites)
     if a.smoke:
-        cfg.target.update(vocab_size=256, d_model=32, n_heads=2, n_kv_heads=1, d_mlp=64, seq_len=32, batch_size=16,
-                          steps=40, lr=1e-2, warmup_steps=5, eval_every=20, eval_windows=16, held_out_every=2, n_docs=2)
+        cfg.target.update(vocab_size=256, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_mlp=64, seq_len=32,
+                          batch_size=16, steps=40, lr=1e-2, warmup_steps=5, eval_every=20, eval_windows=16, held_out_every=2, n_docs=2)
         cfg.sites = tuple((p, 8) for p, _ in cfg.sites)
         cfg.ci = dict(type="shared_mlp", hidden=(16,))
         cfg.optim.update(steps=4, faithfulness_warmup_steps=2)
