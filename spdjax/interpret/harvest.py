@@ -12,7 +12,8 @@ and of the next token at its active positions.
 
 Resumable: the accumulators are saved every `save_every` batches (`harvest/state.npz`, atomically)
 with the batch index, the decomposition's hash and the harvest settings; a restart with the same
-three continues, anything else starts over (and says so). A finished state is reused as is.
+three continues, anything else starts over (and says so). The state is deleted once the SQLite file
+is written (`finish`).
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ def run_harvest(params, exp, rc, export_sha256: str, outdir: Path, cfg: HarvestC
     vocab = exp.tokens.vocab_size if tokens0 is not None else None
     feature_dim = None if tokens0 is not None else int(np.prod(_features(first).shape[1:]))
     acc = Accumulator(n, cfg, None if tokens0 is None else tokens0.shape, feature_dim, vocab, heads)
-    signature = json.dumps({"export": export_sha256, "harvest": dataclasses.asdict(cfg)}, sort_keys=True)
+    signature = state_signature(export_sha256, cfg)
     state_file = outdir / STATE
     if state_file.exists():
         with np.load(state_file) as st:
@@ -285,6 +286,11 @@ def run_harvest(params, exp, rc, export_sha256: str, outdir: Path, cfg: HarvestC
     acc.arrays["seconds"] = acc.arrays["seconds"] + (time.perf_counter() - start)
     save_state(acc, state_file, signature)
     return acc
+
+
+def state_signature(export_sha256: str, cfg: HarvestConfig) -> str:
+    """What a saved state must match to be resumed: the decomposition and every harvest setting."""
+    return json.dumps({"export": export_sha256, "harvest": dataclasses.asdict(cfg)}, sort_keys=True)
 
 
 def save_state(acc: Accumulator, path: Path, signature: str) -> None:

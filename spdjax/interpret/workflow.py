@@ -16,7 +16,7 @@ import ml_collections
 from spdjax.config import parse
 from spdjax.experiment import Build
 from spdjax.interpret import store
-from spdjax.interpret.harvest import HarvestConfig, decomposition_hash, run_harvest, write_harvest
+from spdjax.interpret.harvest import STATE, HarvestConfig, decomposition_hash, run_harvest, write_harvest
 from spdjax.interpret.report import write_report
 from spdjax.metrics_writer import read_metrics
 from spdjax.version import __version__
@@ -69,7 +69,9 @@ def harvest_workdir(cfg, workdir: str | Path, build: Build, hcfg=None, reuse: bo
                 "summary": _read(workdir / "summary.json"),
                 "eval": read_metrics(workdir / "eval.jsonl") if (workdir / "eval.jsonl").exists() else []}
         clusters = _read(workdir / "clustering" / "clusters.json")
-        return write_harvest(acc, params, exp, rc, meta, path, clusters.get("groups") if clusters else None)
+        write_harvest(acc, params, exp, rc, meta, path, clusters.get("groups") if clusters else None)
+        (workdir / HARVEST_DIR / STATE).unlink(missing_ok=True)  # written: nothing left to resume
+        return path
 
 
 def report_workdir(cfg, workdir: str | Path, build: Build, hcfg=None, log=print) -> Path:

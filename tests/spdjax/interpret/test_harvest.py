@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import subprocess
 import sys
@@ -122,10 +121,8 @@ def test_harvest_resumes_to_the_uninterrupted_result(tmp_path):
     want = _rows(harvest)
     meta = store.read_meta(harvest)
     assert meta["n_rows"] >= 6000 and meta["input_kind"] == "features" and meta["harvest"]["n_rows"] == 6000
-    # an interrupted harvest: keep the state saved after the first batches only
-    with np.load(run / "harvest" / "state.npz") as state:
-        assert int(state["batches"]) >= 2
-        assert json.loads(str(state["signature"]))["harvest"]["n_rows"] == 6000
+    assert not (run / "harvest" / "state.npz").exists()  # written: the resumable state is gone
+    # an interrupted harvest: the state saved after its first batch, and no harvest file
     harvest.unlink()
     partial = subprocess.run(
         [sys.executable, "-c", PARTIAL, str(run), str(ROOT)], capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -137,8 +134,8 @@ def test_harvest_resumes_to_the_uninterrupted_result(tmp_path):
     assert store.read_meta(harvest)["n_rows"] == meta["n_rows"]
 
 
-# Rewrites the saved state as if the harvest had stopped after its first batch: the first batch's
-# accumulators are recomputed by a harvest of one batch's rows with the same settings otherwise.
+# Writes the state a harvest of 6000 rows (save_every 1) leaves after its first batch: the first batch's
+# accumulators, recomputed by a harvest of one batch's rows with the same settings otherwise.
 PARTIAL = """
 import importlib.util, json, sys
 from pathlib import Path
@@ -147,18 +144,16 @@ run, root = Path(sys.argv[1]), sys.argv[2]
 sys.path.insert(0, root)
 import experiments
 from spdjax.config import parse
-from spdjax.interpret.harvest import HarvestConfig, run_harvest, save_state
+from spdjax.interpret.harvest import HarvestConfig, decomposition_hash, run_harvest, save_state, state_signature
 spec = importlib.util.spec_from_file_location("c", f"{root}/configs/tms_5-2.py")
 m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
 rc = parse(m.get_config("smoke"))
 exp = experiments.build(rc, run.parent / "cache")
 params, _ = rc.method.load(run / "decomposition", exp.target)
-state = np.load(run / "harvest" / "state.npz")
-sig = str(state["signature"])
-full = HarvestConfig(**json.loads(sig)["harvest"])
-one = HarvestConfig(**{**json.loads(sig)["harvest"], "n_rows": rc.batch_size})
-tmp = run / "tmp_harvest"
-acc = run_harvest(params, exp, rc, json.loads(sig)["export"], tmp, one, log=lambda s: None)
+full = HarvestConfig(n_rows=6000, save_every=1)
+export = decomposition_hash(run / "decomposition")
+one = HarvestConfig(n_rows=rc.batch_size, save_every=1)
+acc = run_harvest(params, exp, rc, export, run / "tmp_harvest", one, log=lambda s: None)
 acc.cfg = full
-save_state(acc, run / "harvest" / "state.npz", sig)
+save_state(acc, run / "harvest" / "state.npz", state_signature(export, full))
 """
