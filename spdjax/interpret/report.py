@@ -3,7 +3,8 @@
 The page embeds plotly.js once, the harvest as JSON (`<script type="application/json" id="harvest-data">`) and
 a small vanilla-JS app that builds everything from that JSON with `textContent` (never `innerHTML` of data):
 - `#summary`: meta facts (`#meta-facts`), the run's summary (`#summary-table`) and Plotly charts of the eval
-  losses (`#chart-eval-loss`), L0 per site (`#chart-l0`) and the CI spectrum per site (`#chart-ci-spectrum`).
+  losses (`#chart-eval-loss`), L0 per site (`#chart-l0`), the CI spectrum per site (`#chart-ci-spectrum`) and,
+  for language models, CE / KL under each masking (`#chart-maskings`).
 - `#component-list`: one `tr.component-row[data-id]` per component; `#search` filters rows by their text,
   `th[data-sort]` sorts (a second click reverses).
 - `#card` (class `open` when shown): opened by a row click or the URL hash `#c=ID`; its charts are made when
@@ -188,6 +189,18 @@ function renderSummary() {
     plot($("chart-l0"), [{type: "bar", x: l0.map(p => ptext(p[0])), y: l0.map(p => p[1]), marker: {color: "#1f6feb"}}],
       {title: title("L0 per site (mean active components)"), height: 300, margin: {l: 50, r: 12, t: 30, b: 90}});
   } else note($("chart-l0"), "no ci_l0/<site> in the summary");
+
+  const maskings = Object.keys(summary).filter(k => /^(ce|kl)\/[^/]+$/.test(k) && num(summary[k])).sort();
+  if (maskings.length) {  // language models: the target's CE / KL under each masking of the decomposition
+    const trace = (kind, color) => {
+      const ks = maskings.filter(k => k.startsWith(kind + "/"));
+      return {type: "bar", name: kind, x: ks.map(k => ptext(k.slice(kind.length + 1))), y: ks.map(k => summary[k]),
+              marker: {color: color}};
+    };
+    plot($("chart-maskings"), [trace("ce", "#1f6feb"), trace("kl", "#d9822b")].filter(t => t.x.length),
+      {title: title("CE / KL under each masking"), barmode: "group", height: 300,
+       margin: {l: 50, r: 12, t: 30, b: 60}});
+  }
 
   const spectrum = siteNames().map((s, i) => {
     const color = SITE_COLORS[i % SITE_COLORS.length];
@@ -521,7 +534,7 @@ def report_html(harvest: dict, title: str) -> str:
         '<table id="meta-facts" class="kv"><tbody></tbody></table>',
         '<div id="summary-table-wrap"><table id="summary-table" class="kv"><tbody></tbody></table></div></div>',
         '<div class="charts"><div id="chart-eval-loss" class="chart"></div><div id="chart-l0" class="chart"></div>',
-        '<div id="chart-ci-spectrum" class="chart"></div></div></section>\n',
+        '<div id="chart-ci-spectrum" class="chart"></div><div id="chart-maskings" class="chart"></div></div></section>\n',
         '<div id="browser"><section id="list-pane"><div id="list-tools">',
         '<input id="search" type="search" placeholder="filter: site, token, kind, number..." autocomplete="off">',
         '<span id="row-count"></span></div><div id="list-scroll">',
