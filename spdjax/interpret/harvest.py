@@ -23,12 +23,14 @@ import hashlib
 import json
 import re
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float
 
 from spdjax import metrics, sharding
 from spdjax.clustering.mdl import coactivations
@@ -93,6 +95,24 @@ def _site_arrays(params, target, batch, sigmoid: str):
 _site_arrays_jit = jax.jit(_site_arrays, static_argnames="sigmoid")
 
 
+@partial(jax.jit, static_argnames=("top_k", "n_random"))
+def batch_stats(ci: Float[Array, "*lead n"], tau: float, top_k: int, n_random: int, key: Array) -> dict[str, Array]:
+    """One batch's reductions per column, on the device: `ci_sum`, `n_active` (CI > tau), `hist` `(n, bins)`,
+    and the candidate rows of the two samples: `top` (the `top_k` largest CI) and `random` (the `n_random`
+    smallest of uniform keys drawn from `key` over the active rows; -inf scores where too few are active)."""
+    flat = ci.reshape(-1, ci.shape[-1])
+    R, n = flat.shape
+    active = flat > tau
+    bins = jnp.clip((flat * HIST_BINS).astype(jnp.int32), 0, HIST_BINS - 1)
+    hist = jax.ops.segment_sum(jnp.ones(R * n, jnp.int32), (jnp.arange(n)[None, :] * HIST_BINS + bins).ravel(),
+                               num_segments=n * HIST_BINS).reshape(n, HIST_BINS)
+    keys = jnp.where(active, -jax.random.uniform(key, (R, n)), -jnp.inf)
+    top_val, top_row = jax.lax.top_k(flat.T, min(top_k, R))
+    rnd_val, rnd_row = jax.lax.top_k(keys.T, min(n_random, R))
+    return {"ci_sum": flat.sum(0, dtype=jnp.float32), "n_active": active.sum(0), "hist": hist,
+            "top": (top_val.T, top_row.T), "random": (rnd_val.T, rnd_row.T)}
+
+
 class Sample:
     """The k rows with the largest score per column, with per-slot payload arrays `(k, n, ...)`."""
 
@@ -100,12 +120,12 @@ class Sample:
         self.score = np.full((k, n), -np.inf, np.float32)
         self.payload = {f: np.zeros((k, n, *shape), dtype) for f, (shape, dtype) in fields.items()}
 
-    def update(self, score: np.ndarray, make: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]) -> None:
-        """score: `(R, n)` this batch's scores (-inf: never kept); make(rows, cols) -> payload rows."""
-        k, R = self.score.shape[0], score.shape[0]
-        kk = min(k, R)
-        cand = np.argpartition(-score, kk - 1, axis=0)[:kk]
-        both = np.concatenate([self.score, np.take_along_axis(score, cand, 0)])
+    def update(self, cand_score: np.ndarray, cand: np.ndarray,
+               make: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]) -> None:
+        """cand_score, cand: `(kk, n)` this batch's best scores per column and their rows (-inf: never
+        kept; `batch_stats`); make(rows, cols) -> the payloads of those rows."""
+        k = self.score.shape[0]
+        both = np.concatenate([self.score, cand_score.astype(np.float32)])
         order = np.argsort(-both, axis=0, kind="stable")[:k]
         new_score = np.take_along_axis(both, order, 0)
         old = np.minimum(order, k - 1)
@@ -194,25 +214,22 @@ def _payload_maker(ci, act, tokens, x, attn, col_attn, window):
     return make
 
 
-def accumulate(acc: Accumulator, ci: np.ndarray, act: np.ndarray, batch_tokens, x, attn, col_attn,
-               rng: np.random.Generator) -> None:
-    """Add one batch: ci/act `(B, T, n)` (tokens) or `(B, n)` (features)."""
+def accumulate(acc: Accumulator, ci: np.ndarray, act: np.ndarray, batch_tokens, x, attn, col_attn, key: Array) -> None:
+    """Add one batch: ci/act `(B, T, n)` (tokens) or `(B, n)` (features); `key` draws the random sample."""
     cfg, A = acc.cfg, acc.arrays
     n = ci.shape[-1]
-    flat_ci = ci.reshape(-1, n)
+    stats = jax.device_get(batch_stats(ci, cfg.tau, cfg.top_k, cfg.n_random, key))
+    flat_ci = np.asarray(ci).reshape(-1, n)
     active = flat_ci > cfg.tau
-    R = flat_ci.shape[0]
-    A["rows"] = A["rows"] + R
+    A["rows"] = A["rows"] + flat_ci.shape[0]
     A["batches"] = A["batches"] + 1
-    A["ci_sum"] += flat_ci.sum(0, dtype=np.float64)
-    A["n_active"] += active.sum(0)
-    bins = np.clip((flat_ci * HIST_BINS).astype(np.int64), 0, HIST_BINS - 1)
-    A["hist"] += np.bincount((np.arange(n)[None, :] * HIST_BINS + bins).ravel(), minlength=n * HIST_BINS).reshape(n, -1)
+    A["ci_sum"] += stats["ci_sum"]
+    A["n_active"] += stats["n_active"]
+    A["hist"] += stats["hist"]
     A["coact"] += coactivations(active)
-    make = _payload_maker(ci, act, batch_tokens, x, attn, col_attn, cfg.window)
-    acc.top.update(flat_ci, make)
-    keys = np.where(active, -rng.random(active.shape, dtype=np.float32), -np.inf)  # bottom-k of uniform keys
-    acc.random.update(keys, make)
+    make = _payload_maker(np.asarray(ci), np.asarray(act), batch_tokens, x, attn, col_attn, cfg.window)
+    acc.top.update(*stats["top"], make)
+    acc.random.update(*stats["random"], make)
     if batch_tokens is not None:
         V = A["tok_total"].size
         tok = batch_tokens.reshape(-1)
@@ -266,7 +283,7 @@ def run_harvest(params, exp, rc, export_sha256: str, outdir: Path, cfg: HarvestC
         batch = first if i == 0 else get(i)
         if batch is None:
             break
-        ci, act = jax.device_get(_site_arrays_jit(params, exp.target, batch, sigmoid))
+        ci, act = _site_arrays_jit(params, exp.target, batch, sigmoid)  # on the device until accumulate
         tokens = _tokens(batch)
         attn = {p: np.asarray(v) for p, v in jax.device_get(attn_jit(batch)).items()} if attn_jit else None
         room = cfg.n_rows - int(acc.arrays["rows"])
@@ -278,8 +295,8 @@ def run_harvest(params, exp, rc, export_sha256: str, outdir: Path, cfg: HarvestC
             attn = {p: v[:keep] for p, v in attn.items()} if attn else None
             batch = jax.tree.map(lambda a: a[:keep], batch)
         x = None if tokens is not None else np.asarray(_features(batch)).reshape(ci.shape[0], -1)
-        rng = np.random.default_rng([cfg.seed, 0x4A7, i])  # a function of the batch index: resumes exactly
-        accumulate(acc, np.asarray(ci), np.asarray(act), tokens, x, attn, col_attn, rng)
+        key = jax.random.fold_in(jax.random.key(cfg.seed), i)  # a function of the batch index: resumes exactly
+        accumulate(acc, ci, act, tokens, x, attn, col_attn, key)
         i += 1
         if i % cfg.save_every == 0:
             save_state(acc, state_file, signature)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from spdjax.interpret import store
@@ -24,7 +25,9 @@ def test_sample_keeps_the_k_best_rows_of_all_batches_with_their_payloads():
         score = rng.normal(size=(R, n)).astype(np.float32)
         score[rng.random((R, n)) < 0.3] = -np.inf  # never kept
         base = offset
-        s.update(score, lambda rows, cols, base=base: {"row": np.stack([rows + base, cols], 1)})
+        cand = np.argsort(-score, axis=0, kind="stable")[:k]  # what batch_stats' top_k gives
+        s.update(np.take_along_axis(score, cand, 0), cand,
+                 lambda rows, cols, base=base: {"row": np.stack([rows + base, cols], 1)})
         all_scores.append(score)
         offset += R
     scores = np.concatenate(all_scores)
@@ -48,7 +51,7 @@ def test_accumulate_token_statistics_match_loops():
         act = rng.normal(size=(B, T, n)).astype(np.float32)
         tok = rng.integers(0, V, (B, T))
         attn = {"blk": rng.random((B, 2, T, T)).astype(np.float32)}
-        accumulate(acc, ci, act, tok, None, attn, np.array(["blk"] * 2 + [""] * 3), np.random.default_rng(5))
+        accumulate(acc, ci, act, tok, None, attn, np.array(["blk"] * 2 + [""] * 3), jax.random.key(len(batches)))
         batches.append((ci, act, tok, attn["blk"]))
     A = acc.arrays
     ci_all = np.concatenate([b[0].reshape(-1, n) for b in batches])
@@ -139,6 +142,7 @@ def test_harvest_resumes_to_the_uninterrupted_result(tmp_path):
 PARTIAL = """
 import importlib.util, json, sys
 from pathlib import Path
+import jax
 import numpy as np
 run, root = Path(sys.argv[1]), sys.argv[2]
 sys.path.insert(0, root)
