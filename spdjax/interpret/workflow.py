@@ -78,7 +78,20 @@ def report_workdir(cfg, workdir: str | Path, build: Build, hcfg=None, log=print)
     """Harvest (unless already done) and write `workdir/report.html`."""
     workdir = Path(workdir)
     path = harvest_workdir(cfg, workdir, build, hcfg, reuse=True, log=log)
-    return write_report(trimmed(store.read(path)), workdir / REPORT, title=f"spdjax: {workdir.name}")
+    harvest = with_clusters(store.read(path), _read(workdir / "clustering" / "clusters.json"))
+    return write_report(trimmed(harvest), workdir / REPORT, title=f"spdjax: {workdir.name}")
+
+
+def with_clusters(harvest: dict, clusters: dict | None) -> dict:
+    """The harvest with the workdir's current clustering (which may be newer than the harvest)."""
+    if clusters is None:
+        return harvest
+    groups = clusters.get("groups", [])
+    where = {(site, int(idx)): g for g, group in enumerate(groups) for site, idx in group["members"]}
+    harvest["meta"]["clusters"] = groups
+    for c in harvest["components"]:
+        c["cluster"] = where.get((c["site"], c["idx"]))
+    return harvest
 
 
 def trimmed(harvest: dict, top: int = REPORT_TOP, random: int = REPORT_RANDOM) -> dict:
