@@ -6,11 +6,13 @@
 For each tau the causal importances are computed once (held-out batches of the run's data); for each
 alpha the merge runs once per seed; the table gives, at the stopping point, the number of groups, the
 family's ground-truth scores (ARI, purity, separated, cross-layer: `spdjax.clustering.evaluate`, mean
-over seeds) and the seeds' mean matching distance.
+over seeds) and the seeds' mean matching distance. `--scored_sites=layers.*.mlp_in` scores only those
+sites' subcomponents (all sites are still clustered).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import time
 
@@ -21,7 +23,7 @@ from ml_collections import config_flags
 
 import experiments
 from spdjax import sharding
-from spdjax.clustering import MergeConfig, binarize, causal_importances, cluster, evaluate
+from spdjax.clustering import MechanismTruth, MergeConfig, binarize, causal_importances, cluster, evaluate
 from spdjax.config import parse
 from spdjax.runner import held_out_batch
 
@@ -34,17 +36,22 @@ _SEEDS = flags.DEFINE_integer("seeds", 3, "Merge runs per setting.")
 _SAMPLER = flags.DEFINE_string("sampler", "range", "range, mcmc or exp_rank.")
 _N = flags.DEFINE_integer("n_samples", 8192, "Rows (inputs or token positions).")
 _FLOOR = flags.DEFINE_float("freq_floor", 0.001, "Frequency floor.")
+_SCORED = flags.DEFINE_string("scored_sites", None, "Score only subcomponents of sites matching this glob (all clustered).")
 
 KEYS = ("n_groups", "ari", "purity", "separated", "cross_layer")
 
 
-def sweep(rc, exp, params, alphas, taus, seeds: int, sampler: str, n_samples: int, freq_floor: float) -> list[dict]:
+def sweep(rc, exp, params, alphas, taus, seeds: int, sampler: str, n_samples: int, freq_floor: float,
+          scored_sites: str | None = None) -> list[dict]:
     sigmoid = rc.method.settings.loss.sigmoid
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
     key = jax.random.fold_in(jax.random.key(rc.seed), 0xC105)
     batches = (held_out_batch(exp, mesh, jax.random.fold_in(key, i), i) for i in itertools.count())
     ci = causal_importances(params, exp.target, batches, sigmoid, max_rows=n_samples)
     truth = exp.mechanisms(params, exp.target, sigmoid)
+    if scored_sites:
+        keep = {s: v for s, v in truth.labels.items() if fnmatch.fnmatch(s, scored_sites)}
+        truth = MechanismTruth({s: v if s in keep else np.full_like(v, -1) for s, v in truth.labels.items()}, truth.layers)
     rows = []
     for tau in taus:
         acts = binarize(ci, tau, freq_floor)
@@ -77,7 +84,7 @@ def main(argv):
     print("| tau | alpha | subcomponents | groups | ARI | purity | separated | cross-layer | seed distance |")
     print("|---|---|---|---|---|---|---|---|---|")
     sweep(rc, exp, params, [float(a) for a in _ALPHAS.value], [float(t) for t in _TAUS.value], _SEEDS.value,
-          _SAMPLER.value, _N.value, _FLOOR.value)
+          _SAMPLER.value, _N.value, _FLOOR.value, _SCORED.value)
 
 
 if __name__ == "__main__":
