@@ -34,6 +34,7 @@ _ALPHAS = flags.DEFINE_list("alphas", ["0.1", "1", "3", "10"], "Rank penalties."
 _TAUS = flags.DEFINE_list("taus", ["0.01", "0.1"], "CI thresholds.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Merge runs per setting.")
 _SAMPLER = flags.DEFINE_string("sampler", "range", "range, mcmc or exp_rank.")
+_STOP = flags.DEFINE_string("stop", "first_positive", "first_positive or min_length.")
 _N = flags.DEFINE_integer("n_samples", 8192, "Rows (inputs or token positions).")
 _FLOOR = flags.DEFINE_float("freq_floor", 0.001, "Frequency floor.")
 _SCORED = flags.DEFINE_string("scored_sites", None, "Score only subcomponents of sites matching this glob (all clustered).")
@@ -42,7 +43,7 @@ KEYS = ("n_groups", "ari", "purity", "separated", "cross_layer")
 
 
 def sweep(rc, exp, params, alphas, taus, seeds: int, sampler: str, n_samples: int, freq_floor: float,
-          scored_sites: str | None = None) -> list[dict]:
+          scored_sites: str | None = None, stop: str = "first_positive") -> list[dict]:
     sigmoid = rc.method.settings.loss.sigmoid
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
     key = jax.random.fold_in(jax.random.key(rc.seed), 0xC105)
@@ -57,7 +58,7 @@ def sweep(rc, exp, params, alphas, taus, seeds: int, sampler: str, n_samples: in
         acts = binarize(ci, tau, freq_floor)
         for alpha in alphas:
             t0 = time.perf_counter()
-            c = cluster(acts, MergeConfig(alpha=alpha, sampler=sampler), seeds=range(seeds))
+            c = cluster(acts, MergeConfig(alpha=alpha, sampler=sampler, stop=stop), seeds=range(seeds))
             scores = [evaluate(h.labels(), acts.members, truth) for h in c.histories]
             row = {"tau": tau, "alpha": alpha, "n": acts.acts.shape[1], "seconds": time.perf_counter() - t0}
             for k in KEYS:
@@ -84,7 +85,7 @@ def main(argv):
     print("| tau | alpha | subcomponents | groups | ARI | purity | separated | cross-layer | seed distance |")
     print("|---|---|---|---|---|---|---|---|---|")
     sweep(rc, exp, params, [float(a) for a in _ALPHAS.value], [float(t) for t in _TAUS.value], _SEEDS.value,
-          _SAMPLER.value, _N.value, _FLOOR.value, _SCORED.value)
+          _SAMPLER.value, _N.value, _FLOOR.value, _SCORED.value, _STOP.value)
 
 
 if __name__ == "__main__":

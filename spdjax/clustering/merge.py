@@ -20,6 +20,7 @@ from jaxtyping import Bool
 from spdjax.clustering.mdl import coactivations, description_length, merge_costs, pack_columns
 
 SAMPLERS = ("range", "mcmc", "exp_rank")
+STOPS = ("first_positive", "min_length")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,16 +28,21 @@ class MergeConfig:
     """alpha: rank penalty. sampler: `range` (uniform among pairs within `range_fraction` of the cost
     range above the minimum), `mcmc` (softmax of -dL / `temperature`) or `exp_rank` (P ~ exp(-`rank_rate`
     rank) over the `top` cheapest pairs; exp(-0.2 * 64) < 3e-6, so the truncation drops < 1e-5 of the
-    mass)."""
+    mass). stop: the chosen clustering along the run to one group: `first_positive` (clustering.md: before
+    the first merge whose dL > 0) or `min_length` (the iteration with the smallest description length L,
+    which a stochastic sampler's occasional costly pick does not end early)."""
 
-    alpha: float = 1.0
-    sampler: str = "range"
+    alpha: float = 3.0
+    sampler: str = "mcmc"
     range_fraction: float = 0.05
     temperature: float = 1.0
     rank_rate: float = 0.2
     top: int = 64
+    stop: str = "first_positive"
 
     def validate(self) -> "MergeConfig":
+        if self.stop not in STOPS:
+            raise ValueError(f"clustering stop: unknown {self.stop!r}; allowed: {list(STOPS)}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"clustering sampler: unknown {self.sampler!r}; allowed: {list(SAMPLERS)}")
         if self.alpha < 0:
@@ -54,7 +60,8 @@ class MergeHistory:
 
     `pairs[t] = (i, j)`: at iteration t group slot j was merged into slot i (slots are the initial
     subcomponent indices); `dL[t]` its cost change; `L[t]` the description length before it (`L[-1]`:
-    after the last). `stop`: the number of merges of the chosen clustering (the first t with dL > 0;
+    after the last). `stop`: the number of merges of the chosen clustering (`MergeConfig.stop`: the first t
+    with dL > 0, or the t of the smallest L;
     all of them if none). `coact`, `alive`: the state after the run (tests and resumption).
     """
 
@@ -206,6 +213,9 @@ def merge(
     pairs, dLs = np.concatenate(all_pairs), np.concatenate(all_dL)
     L0 = float(description_length(jnp.asarray(np.diag(coact)), jnp.ones(n), config.alpha))
     L = L0 + np.concatenate([[0.0], np.cumsum(dLs)])
-    positive = np.flatnonzero(dLs > 0)
-    stop = int(positive[0]) if positive.size else iterations
+    if config.stop == "min_length":
+        stop = int(np.argmin(L))  # the first of equal minima
+    else:
+        positive = np.flatnonzero(dLs > 0)
+        stop = int(positive[0]) if positive.size else iterations
     return MergeHistory(pairs, dLs, L, n, stop, S_full, alive_full)

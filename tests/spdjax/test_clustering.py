@@ -172,12 +172,15 @@ def test_comparisons():
         cl.adjusted_rand_index(a, b[:-1])
 
 
-@pytest.mark.parametrize("sampler", ["range", "exp_rank"])
-def test_planted_groups_recovered(sampler):
+@pytest.mark.parametrize("sampler,alpha,stop", [("range", 1.0, "first_positive"), ("exp_rank", 1.0, "first_positive"),
+                                                ("mcmc", 3.0, "first_positive"), ("mcmc", 3.0, "min_length")])
+def test_planted_groups_recovered(sampler, alpha, stop):
     """50 planted groups of 1-8 members with 5% of the activations moved at random: the clustering at
-    the stopping point recovers them with adjusted Rand index >= 0.95."""
+    the stopping point recovers them with adjusted Rand index >= 0.95 (also under the default settings)."""
     acts, truth = planted_groups(n_groups=50, n_samples=4000, p=0.05, noise=0.05)
-    h = cl.merge(acts, cl.MergeConfig(alpha=1.0, sampler=sampler), seed=0)
+    h = cl.merge(acts, cl.MergeConfig(alpha=alpha, sampler=sampler, stop=stop), seed=0)
+    if stop == "min_length":
+        assert h.L[h.stop] == h.L.min()
     ari = cl.adjusted_rand_index(h.labels(), truth)
     assert ari >= 0.95, (ari, h.labels().max() + 1)
 
