@@ -25,7 +25,7 @@ import experiments
 from spdjax import sharding
 from spdjax.clustering import MechanismTruth, MergeConfig, binarize, causal_importances, cluster, evaluate
 from spdjax.config import parse
-from spdjax.runner import held_out_batch
+from spdjax.runner import held_out_stream
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The finished run's workdir.")
@@ -47,7 +47,8 @@ def sweep(rc, exp, params, alphas, taus, seeds: int, sampler: str, n_samples: in
     sigmoid = rc.method.settings.loss.sigmoid
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
     key = jax.random.fold_in(jax.random.key(rc.seed), 0xC105)
-    batches = (held_out_batch(exp, mesh, jax.random.fold_in(key, i), i) for i in itertools.count())
+    get = held_out_stream(exp, mesh, key)
+    batches = itertools.takewhile(lambda b: b is not None, (get(i) for i in itertools.count()))
     ci = causal_importances(params, exp.target, batches, sigmoid, max_rows=n_samples)
     truth = exp.mechanisms(params, exp.target, sigmoid)
     if scored_sites:

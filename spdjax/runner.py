@@ -32,7 +32,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -180,6 +180,15 @@ def held_out_batch(exp: Experiment, mesh, key, index: int):
     if exp.batch_fn is not None:
         return _sampler(exp.batch_fn, mesh)(key)
     return sharding.global_batch(exp.host_data.held_out(index), mesh)
+
+
+def held_out_stream(exp: Experiment, mesh, key) -> Callable[[int], Any]:
+    """`i -> the i-th batch` of held-out data for a pass over many batches (harvest, clustering):
+    `exp.harvest_data` when the family has one (None past its end), else `held_out_batch` with `key`
+    folded with i (endless for samplers)."""
+    if exp.harvest_data is not None:
+        return exp.harvest_data
+    return lambda i: held_out_batch(exp, mesh, jax.random.fold_in(key, i), i)
 
 
 @functools.lru_cache(maxsize=8)

@@ -37,14 +37,15 @@ class Activations:
 
 def rows(ci: np.ndarray, positions_per_sequence: int | None = None, rng: np.random.Generator | None = None):
     """`(*lead, C) -> (rows, C)`. With `positions_per_sequence` and a `(batch, seq, C)` CI, that many
-    distinct positions per sequence, drawn by `rng`."""
+    distinct positions per sequence (all of a shorter sequence), drawn by `rng`."""
     ci = np.asarray(ci)
     if ci.ndim < 2:
         raise ValueError(f"causal importances must be (..., C), got shape {ci.shape}")
     if positions_per_sequence is not None and ci.ndim == 3:
         batch, seq, _ = ci.shape
-        if not 1 <= positions_per_sequence <= seq:
-            raise ValueError(f"positions_per_sequence must be in [1, {seq}], got {positions_per_sequence}")
+        if positions_per_sequence < 1:
+            raise ValueError(f"positions_per_sequence must be >= 1, got {positions_per_sequence}")
+        positions_per_sequence = min(positions_per_sequence, seq)
         rng = rng or np.random.default_rng(0)
         pos = np.argsort(rng.random((batch, seq)), axis=1)[:, :positions_per_sequence]
         ci = np.take_along_axis(ci, pos[:, :, None], axis=1)

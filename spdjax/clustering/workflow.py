@@ -21,7 +21,7 @@ from spdjax.clustering.inputs import binarize, causal_importances
 from spdjax.clustering.merge import MergeConfig
 from spdjax.config import parse
 from spdjax.experiment import Build
-from spdjax.runner import held_out_batch
+from spdjax.runner import held_out_stream
 from spdjax.workdir import WorkdirLock
 
 OUTDIR = "clustering"
@@ -30,10 +30,12 @@ OUTDIR = "clustering"
 def default_config() -> ml_collections.ConfigDict:
     """The `--cluster.*` settings. alpha 3, the `mcmc` sampler at temperature 1 (nearly greedy) and tau 0.1
     are where the toys' ground truth is best recovered (docs/results.md; clustering.md's tau is 0.01, the
-    reference's for LMs 0.1; its samplers `range` and the paper's `exp_rank` are a setting away)."""
+    reference's for LMs 0.1; its samplers `range` and the paper's `exp_rank` are a setting away).
+    n_samples: rows of CI (inputs, or token positions of sequence models: `positions_per_sequence` drawn
+    per sequence, 0 = all; fewer rows when a family's held-out set ends first)."""
     return ml_collections.ConfigDict(dict(
         alpha=3.0, sampler="mcmc", stop="first_positive", range_fraction=0.05, temperature=1.0, rank_rate=0.2, top=64,
-        tau=0.1, freq_floor=0.001, n_samples=8192, positions_per_sequence=0, seeds=1, seed=0, figures=True,
+        tau=0.1, freq_floor=0.001, n_samples=8192, positions_per_sequence=8, seeds=1, seed=0, figures=True,
     ))
 
 
@@ -69,7 +71,8 @@ def cluster_decomposition(params, exp, rc, ccfg, mcfg: MergeConfig) -> tuple[Clu
     sigmoid = rc.method.settings.loss.sigmoid
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
     key = jax.random.fold_in(jax.random.key(rc.seed), 0xC105)
-    batches = (held_out_batch(exp, mesh, jax.random.fold_in(key, i), i) for i in itertools.count())
+    get = held_out_stream(exp, mesh, key)
+    batches = itertools.takewhile(lambda b: b is not None, (get(i) for i in itertools.count()))
     ci = causal_importances(params, exp.target, batches, sigmoid, int(ccfg.positions_per_sequence) or None,
                             seed=int(ccfg.seed), max_rows=int(ccfg.n_samples))
     acts = binarize(ci, float(ccfg.tau), float(ccfg.freq_floor))

@@ -37,7 +37,7 @@ from spdjax.clustering.mdl import coactivations
 from spdjax.components import site_components
 from spdjax.interpret import store
 from spdjax.losses.forward import clean_forward, compute_ci
-from spdjax.runner import held_out_batch
+from spdjax.runner import held_out_stream
 from spdjax.sites import inner_acts
 
 STATE = "state.npz"
@@ -177,15 +177,6 @@ class Accumulator:
         self.random.load("random/", state)
 
 
-def harvest_batches(exp, rc, mesh) -> Callable[[int], Any]:
-    """`i -> batch i` of the held-out stream (`exp.harvest_data` when the family has one, else its
-    sampler with keys folded from the seed, or its host data's held-out batches); None past the end."""
-    if exp.harvest_data is not None:
-        return exp.harvest_data
-    key = jax.random.fold_in(jax.random.key(rc.seed), 0x4A7)
-    return lambda i: held_out_batch(exp, mesh, jax.random.fold_in(key, i), i)
-
-
 def _payload_maker(ci, act, tokens, x, attn, col_attn, window):
     """make(rows, cols) for `Sample.update` on one batch: ci/act `(B, T, n)` or `(B, n)`."""
     if tokens is None:
@@ -248,7 +239,7 @@ def run_harvest(params, exp, rc, export_sha256: str, outdir: Path, cfg: HarvestC
     cfg.validate()
     sigmoid = rc.method.settings.loss.sigmoid
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
-    get = harvest_batches(exp, rc, mesh)
+    get = held_out_stream(exp, mesh, jax.random.fold_in(jax.random.key(rc.seed), 0x4A7))
     sites = exp.target.sites
     first = get(0)
     if first is None:

@@ -255,8 +255,9 @@ def test_rows_samples_the_same_positions_for_every_site():
     np.testing.assert_array_equal(a + 1000, b)
     pos = (a[:, 0] % 15) // 3  # position of each row within its sequence
     assert len(set(pos[:2])) == 2 and len(set(pos[2:])) == 2  # distinct positions per sequence
+    assert rows(ci, 6).shape == (10, 3)  # a shorter sequence gives all its positions
     with pytest.raises(ValueError, match="positions_per_sequence"):
-        rows(ci, 6)
+        rows(ci, 0)
 
 
 def test_groups_stability_and_output_files(tmp_path):
