@@ -43,8 +43,21 @@ _MODE = flags.DEFINE_enum(
     "mode", "train", ["train", "analyze", "cluster", "harvest", "report"],
     "train (or resume), or analyze, cluster, harvest or report (component browser) a finished run.",
 )
-_CLUSTER = config_flags.DEFINE_config_dict("cluster", cluster_defaults(), "Clustering settings (--mode=cluster).")
-_HARVEST = config_flags.DEFINE_config_dict("harvest", harvest_defaults(), "Harvest settings (--mode=harvest/report).")
+
+
+def settings_flag(name: str, defaults, help_text: str):
+    """`--<name>.<field>=value` overrides of a settings dict. ml_collections reads them from argv when the
+    flag is defined, so an unknown field fails here: a one-line error, not a traceback."""
+    try:
+        return config_flags.DEFINE_config_dict(name, defaults, help_text)
+    except (AttributeError, KeyError) as e:
+        field = str(e).strip("\"'")
+        print(f"error: unknown --{name}.{field}; allowed: {sorted(defaults)}", file=sys.stderr)
+        sys.exit(1)
+
+
+_CLUSTER = settings_flag("cluster", cluster_defaults(), "Clustering settings (--mode=cluster).")
+_HARVEST = settings_flag("harvest", harvest_defaults(), "Harvest settings (--mode=harvest/report).")
 _FRESH = flags.DEFINE_bool("fresh", False, "Discard the workdir's checkpoints and metrics; start over.")
 _ALLOW = flags.DEFINE_bool("allow_config_change", False, "Resume even though the config changed.")
 _WANDB = flags.DEFINE_string("wandb_project", None, "Also log to this Weights & Biases project (needs wandb).")

@@ -41,6 +41,8 @@ CASES += [
      "config.loss.terms.stochastic_recon.coeff must be finite and >= 0, got -1.0"),
     ("--config.loss.terms.importance_minimality.coeff=nan",
      "config.loss.terms.importance_minimality.coeff must be finite and >= 0, got nan"),
+    ("--harvest.foo=1", "unknown --harvest.foo; allowed: ['n_coactive',"),
+    ("--cluster.alpha=x", "could not convert string to float: 'x'"),
 ]
 
 
@@ -57,6 +59,24 @@ def test_launch_one_line_errors(tmp_path, override, message):
     assert len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error: ") and message in lines[0], lines[0]
     assert not (tmp_path / "cache").exists()  # refused before the target was trained
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mode=cluster"], "decomposition does not exist: clustering needs a finished run's workdir"),
+    (["--mode=harvest"], "decomposition does not exist: the harvest needs a finished run's workdir"),
+    (["--mode=report"], "decomposition does not exist: the harvest needs a finished run's workdir"),
+    (["--mode=cluster", "--cluster.sampler=nope"], "clustering sampler: unknown 'nope'; allowed:"),
+    (["--mode=report", "--harvest.n_rows=0"], "harvest.n_rows must be >= 1, got 0"),
+])
+def test_modes_on_a_finished_run_refuse_bad_input_in_one_line(tmp_path, args, message):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), f"--config={ROOT / 'configs' / 'tms_5-2.py'}:smoke",
+         f"--workdir={tmp_path / 'wd'}", f"--cache_dir={tmp_path / 'cache'}", *args],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("args,message", [
