@@ -13,19 +13,16 @@ sites' subcomponents (all sites are still clustered).
 from __future__ import annotations
 
 import fnmatch
-import itertools
 import time
 
-import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 import experiments
-from spdjax import sharding
-from spdjax.clustering import MechanismTruth, MergeConfig, binarize, causal_importances, cluster, evaluate
+from spdjax.clustering import MechanismTruth, MergeConfig, binarize, cluster, evaluate
+from spdjax.clustering.workflow import held_out_ci
 from spdjax.config import parse
-from spdjax.runner import held_out_stream
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The finished run's workdir.")
@@ -45,11 +42,7 @@ KEYS = ("n_groups", "ari", "purity", "separated", "cross_layer")
 def sweep(rc, exp, params, alphas, taus, seeds: int, sampler: str, n_samples: int, freq_floor: float,
           scored_sites: str | None = None, stop: str = "first_positive") -> list[dict]:
     sigmoid = rc.method.settings.loss.sigmoid
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
-    key = jax.random.fold_in(jax.random.key(rc.seed), 0xC105)
-    get = held_out_stream(exp, mesh, key)
-    batches = itertools.takewhile(lambda b: b is not None, (get(i) for i in itertools.count()))
-    ci = causal_importances(params, exp.target, batches, sigmoid, max_rows=n_samples)
+    ci = held_out_ci(params, exp, rc, n_samples)
     truth = exp.mechanisms(params, exp.target, sigmoid)
     if scored_sites:
         keep = {s: v for s, v in truth.labels.items() if fnmatch.fnmatch(s, scored_sites)}

@@ -428,12 +428,20 @@ def finish(rc: RunConfig, exp: Experiment, params, step: int, batch, workdir: Pa
     return summary
 
 
+def require_decomposition(rc: RunConfig, workdir: Path, purpose: str, needs_ci: bool = False) -> None:
+    """One-line errors when `workdir` holds no exported decomposition, or (`needs_ci`) when the run's
+    method has no causal importances; `purpose` names what needs it ("analyze", "the harvest")."""
+    if needs_ci and rc.method.name != "spd":
+        raise ValueError(f"{purpose} needs causal importances (an SPD run); this run's method is {rc.method.name!r}")
+    if not (workdir / "decomposition").is_dir():
+        raise FileNotFoundError(f"{workdir / 'decomposition'} does not exist: {purpose} needs a finished run's workdir")
+
+
 def analyze(cfg: ml_collections.ConfigDict, workdir: str | Path, build: Build) -> dict:
     """Regenerate the summary and every figure from a finished run's exported decomposition."""
     rc = parse(cfg)
     workdir = Path(workdir)
-    if not (workdir / "decomposition").is_dir():
-        raise FileNotFoundError(f"{workdir / 'decomposition'} does not exist: analyze needs a finished run's workdir")
+    require_decomposition(rc, workdir, "analyze")
     with WorkdirLock(workdir):
         return _analyze_locked(rc, workdir, build)
 

@@ -83,6 +83,11 @@ def cluster(activations: Activations, config: MergeConfig = MergeConfig(), seeds
     return Clustering(activations, config, seeds, histories)
 
 
+def group_index(groups: Sequence[dict]) -> dict[tuple[str, int], int]:
+    """`{(site, index): group number}` of `clusters.json`'s groups."""
+    return {(site, int(idx)): g for g, group in enumerate(groups) for site, idx in group["members"]}
+
+
 @dataclasses.dataclass(frozen=True)
 class MechanismTruth:
     """A ground truth for a decomposition: per site `(C,)` the mechanism (e.g. feature) each

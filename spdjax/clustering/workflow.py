@@ -8,6 +8,7 @@ run's data (`n_samples` rows: inputs, or token positions for sequence models), b
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from spdjax.clustering.inputs import binarize, causal_importances
 from spdjax.clustering.merge import MergeConfig
 from spdjax.config import parse
 from spdjax.experiment import Build
-from spdjax.runner import held_out_stream
+from spdjax.fields import dataclass_from
+from spdjax.runner import held_out_stream, require_decomposition
 from spdjax.workdir import WorkdirLock
 
 OUTDIR = "clustering"
@@ -40,9 +42,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def merge_config(ccfg) -> MergeConfig:
-    return MergeConfig(alpha=float(ccfg.alpha), sampler=str(ccfg.sampler), stop=str(ccfg.stop),
-                       range_fraction=float(ccfg.range_fraction),
-                       temperature=float(ccfg.temperature), rank_rate=float(ccfg.rank_rate), top=int(ccfg.top)).validate()
+    """The `MergeConfig` part of the `--cluster.*` settings."""
+    names = [f.name for f in dataclasses.fields(MergeConfig)]
+    return dataclass_from(MergeConfig, {k: ccfg[k] for k in names}, "cluster").validate()
 
 
 def cluster_workdir(cfg: ml_collections.ConfigDict, workdir: str | Path, build: Build,
@@ -52,12 +54,8 @@ def cluster_workdir(cfg: ml_collections.ConfigDict, workdir: str | Path, build: 
     mcfg = merge_config(ccfg)
     if int(ccfg.seeds) < 1 or int(ccfg.n_samples) < 1 or int(ccfg.positions_per_sequence) < 0:
         raise ValueError("cluster.seeds and cluster.n_samples must be >= 1, cluster.positions_per_sequence >= 0")
-    rc = parse(cfg)
-    if rc.method.name != "spd":
-        raise ValueError(f"clustering needs causal importances (an SPD run); this run's method is {rc.method.name!r}")
-    workdir = Path(workdir)
-    if not (workdir / "decomposition").is_dir():
-        raise FileNotFoundError(f"{workdir / 'decomposition'} does not exist: clustering needs a finished run's workdir")
+    rc, workdir = parse(cfg), Path(workdir)
+    require_decomposition(rc, workdir, "clustering", needs_ci=True)
     with WorkdirLock(workdir):
         exp = build(rc)
         params, _ = rc.method.load(workdir / "decomposition", exp.target)
@@ -65,16 +63,20 @@ def cluster_workdir(cfg: ml_collections.ConfigDict, workdir: str | Path, build: 
         return output.write(clustering, workdir / OUTDIR, evaluation, figures=bool(ccfg.figures))
 
 
+def held_out_ci(params, exp, rc, n_samples: int, positions_per_sequence: int | None = None, seed: int = 0):
+    """`causal_importances` of `params` on up to `n_samples` rows of `exp`'s held-out stream."""
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
+    get = held_out_stream(exp, mesh, jax.random.fold_in(jax.random.key(rc.seed), 0xC105))
+    batches = itertools.takewhile(lambda b: b is not None, (get(i) for i in itertools.count()))
+    return causal_importances(params, exp.target, batches, rc.method.settings.loss.sigmoid, positions_per_sequence,
+                              seed=seed, max_rows=n_samples)
+
+
 def cluster_decomposition(params, exp, rc, ccfg, mcfg: MergeConfig) -> tuple[Clustering, dict | None]:
     """The clustering of `params` on held-out batches of `exp`, and its ground-truth evaluation (None
     when the family has none)."""
     sigmoid = rc.method.settings.loss.sigmoid
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=1))
-    key = jax.random.fold_in(jax.random.key(rc.seed), 0xC105)
-    get = held_out_stream(exp, mesh, key)
-    batches = itertools.takewhile(lambda b: b is not None, (get(i) for i in itertools.count()))
-    ci = causal_importances(params, exp.target, batches, sigmoid, int(ccfg.positions_per_sequence) or None,
-                            seed=int(ccfg.seed), max_rows=int(ccfg.n_samples))
+    ci = held_out_ci(params, exp, rc, int(ccfg.n_samples), int(ccfg.positions_per_sequence) or None, int(ccfg.seed))
     acts = binarize(ci, float(ccfg.tau), float(ccfg.freq_floor))
     clustering = cluster(acts, mcfg, seeds=[int(ccfg.seed) + i for i in range(int(ccfg.seeds))])
     evaluation = None

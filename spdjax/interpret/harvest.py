@@ -33,6 +33,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from spdjax import metrics, sharding
+from spdjax.clustering.cluster import group_index
 from spdjax.clustering.mdl import coactivations
 from spdjax.components import site_components
 from spdjax.interpret import store
@@ -150,14 +151,15 @@ class Sample:
 class Accumulator:
     """Everything the harvest keeps, as arrays (so the state saves and restores exactly)."""
 
-    def __init__(self, n: int, cfg: HarvestConfig, token_shape: tuple | None, feature_dim: int | None,
-                 vocab: int | None, heads: int | None):
+    def __init__(self, n: int, cfg: HarvestConfig, feature_dim: int | None, vocab: int | None, heads: int | None):
+        """Token inputs when `vocab` is given (`heads`: attention rows kept), else feature vectors of
+        `feature_dim`."""
         self.cfg = cfg
         self.arrays = {"rows": np.zeros((), np.int64), "batches": np.zeros((), np.int64), "seconds": np.zeros(()),
                        "ci_sum": np.zeros(n), "n_active": np.zeros(n, np.int64),
                        "hist": np.zeros((n, HIST_BINS), np.int64), "coact": np.zeros((n, n))}
         W = 2 * cfg.window + 1
-        if token_shape is not None:
+        if vocab is not None:
             fields = {"tok": ((W,), np.int32), "ci": ((W,), np.float32), "act": ((W,), np.float32)}
             if heads:
                 fields["attn"] = ((heads, W), np.float32)
@@ -245,9 +247,7 @@ def run_harvest(params, exp, rc, export_sha256: str, outdir: Path, cfg: HarvestC
     if first is None:
         raise ValueError("harvest: the held-out stream is empty")
     tokens0 = _tokens(first)
-    ci0, _ = _site_arrays_jit(params, exp.target, first, sigmoid)
-    n = ci0.shape[-1]
-    col_site = np.concatenate([[s.name] * s.C for s in sites])
+    col_site = [s.name for s in sites for _ in range(s.C)]
     if tokens0 is not None and exp.tokens is None:
         raise ValueError("harvest: the batches hold tokens but the family gives no Experiment.tokens (vocab_size)")
     attn_fn = exp.tokens.attention if tokens0 is not None else None
@@ -257,7 +257,7 @@ def run_harvest(params, exp, rc, export_sha256: str, outdir: Path, cfg: HarvestC
     heads = shapes[prefixes[0]].shape[1] if prefixes else None
     vocab = exp.tokens.vocab_size if tokens0 is not None else None
     feature_dim = None if tokens0 is not None else int(np.prod(_features(first).shape[1:]))
-    acc = Accumulator(n, cfg, None if tokens0 is None else tokens0.shape, feature_dim, vocab, heads)
+    acc = Accumulator(len(col_site), cfg, feature_dim, vocab, heads)
     signature = state_signature(export_sha256, cfg)
     state_file = outdir / STATE
     if state_file.exists():
@@ -311,7 +311,7 @@ def save_state(acc: Accumulator, path: Path, signature: str) -> None:
 def _tokens(batch) -> np.ndarray | None:
     """The `(B, T)` integer tokens of a sequence batch (a `tokens` entry or an integer array), else None."""
     a = batch.get("tokens") if isinstance(batch, dict) else batch
-    if a is not None and jnp.issubdtype(jnp.asarray(a).dtype, jnp.integer) and jnp.ndim(a) == 2:
+    if a is not None and np.issubdtype(a.dtype, np.integer) and a.ndim == 2:
         return np.asarray(a)
     return None
 
@@ -329,10 +329,7 @@ def write_harvest(acc: Accumulator, params, exp, rc, meta: dict, path: Path, clu
     sites = exp.target.sites
     rows = max(int(A["rows"]), 1)
     members = [(s, c) for s in sites for c in range(s.C)]
-    in_cluster = {}
-    for g, group in enumerate(clusters or []):
-        for site, idx in group["members"]:
-            in_cluster[(site, int(idx))] = g
+    in_cluster = group_index(clusters or [])
     tokens = "tok_in" in A
     decode = exp.tokens.decode if tokens else None
     vocab_text = [decode(t) for t in range(A["tok_total"].size)] if tokens else None

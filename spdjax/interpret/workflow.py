@@ -13,12 +13,15 @@ from pathlib import Path
 
 import ml_collections
 
+from spdjax.clustering.cluster import group_index
 from spdjax.config import parse
 from spdjax.experiment import Build
+from spdjax.fields import dataclass_from
 from spdjax.interpret import store
 from spdjax.interpret.harvest import STATE, HarvestConfig, decomposition_hash, run_harvest, write_harvest
 from spdjax.interpret.report import write_report
 from spdjax.metrics_writer import read_metrics
+from spdjax.runner import require_decomposition
 from spdjax.version import __version__
 from spdjax.workdir import CONFIG_FILE, WorkdirLock, read_json
 
@@ -34,18 +37,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def harvest_config(hcfg) -> HarvestConfig:
-    fields = {f.name: f.type for f in dataclasses.fields(HarvestConfig)}
-    unknown = set(hcfg) - set(fields)
-    if unknown:
-        raise ValueError(f"unknown harvest settings {sorted(unknown)}; allowed: {sorted(fields)}")
-    return HarvestConfig(**{k: type(getattr(HarvestConfig(), k))(v) for k, v in hcfg.items()}).validate()
-
-
-def _check(rc, workdir: Path) -> None:
-    if rc.method.name != "spd":
-        raise ValueError(f"the harvest needs causal importances (an SPD run); this run's method is {rc.method.name!r}")
-    if not (workdir / "decomposition").is_dir():
-        raise FileNotFoundError(f"{workdir / 'decomposition'} does not exist: the harvest needs a finished run's workdir")
+    """The `--harvest.*` settings (any subset of `HarvestConfig`'s fields) as a checked `HarvestConfig`."""
+    return dataclass_from(HarvestConfig, dict(hcfg), "harvest").validate()
 
 
 def harvest_workdir(cfg, workdir: str | Path, build: Build, hcfg=None, reuse: bool = False, log=print) -> Path:
@@ -53,7 +46,7 @@ def harvest_workdir(cfg, workdir: str | Path, build: Build, hcfg=None, reuse: bo
     same decomposition and settings."""
     rc, workdir = parse(cfg), Path(workdir)
     hc = harvest_config(default_config() if hcfg is None else hcfg)
-    _check(rc, workdir)
+    require_decomposition(rc, workdir, "the harvest", needs_ci=True)
     path = workdir / HARVEST_DIR / HARVEST_FILE
     export = decomposition_hash(workdir / "decomposition")
     with WorkdirLock(workdir):
@@ -87,7 +80,7 @@ def with_clusters(harvest: dict, clusters: dict | None) -> dict:
     if clusters is None:
         return harvest
     groups = clusters.get("groups", [])
-    where = {(site, int(idx)): g for g, group in enumerate(groups) for site, idx in group["members"]}
+    where = group_index(groups)
     harvest["meta"]["clusters"] = groups
     for c in harvest["components"]:
         c["cluster"] = where.get((c["site"], c["idx"]))

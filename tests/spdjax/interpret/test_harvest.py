@@ -44,7 +44,7 @@ def test_accumulate_token_statistics_match_loops():
     rng = np.random.default_rng(1)
     B, T, n, V, W = 3, 9, 5, 7, 2
     cfg = HarvestConfig(tau=0.3, top_k=3, n_random=2, window=W)
-    acc = Accumulator(n, cfg, (B, T), None, V, heads=2)
+    acc = Accumulator(n, cfg, None, V, heads=2)
     batches = []
     for _ in range(2):
         ci = (rng.random((B, T, n)) * (rng.random((B, T, n)) < 0.5)).astype(np.float32)
