@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from spdjax import kernels
 from spdjax.components import Components
 from spdjax.sites import SiteSpec, dense_features, inner_acts
 
@@ -98,8 +99,9 @@ def scalar_mlp(w1, b1, w2, b2, h):
     """One hidden layer per subcomponent on a scalar: z_c = sum_k w2[c,k] GELU(w1[c,k] h_c + b1[c,k]) + b2[c].
 
     Shapes: w1, b1, w2: (C, H); b2: (C,); h: (*lead, C) -> (*lead, C). The hand-written VJP
-    recomputes the (*lead, C, H) hidden layer and reduces every weight gradient from it. On CPU it
-    does so in batch chunks of about `BWD_CHUNK_ELEMS` hidden units (see `_scalar_mlp_grads_chunked`).
+    recomputes the (*lead, C, H) hidden layer and reduces every weight gradient from it. On CPU, in
+    float32, one C++ kernel does so (`spdjax.kernels`); otherwise on CPU in batch chunks of about
+    `BWD_CHUNK_ELEMS` hidden units (see `_scalar_mlp_grads_chunked`).
     """
     pre = h[..., None] * w1 + b1
     return jnp.sum(gelu(pre) * w2, axis=-1) + b2
@@ -148,6 +150,15 @@ def _scalar_mlp_grads_chunked(w1, b1, w2, h, dz):
     return (*sums, dh.swapaxes(0, 1).reshape(rows * n, C)[:N])
 
 
+def _scalar_mlp_grads_cpu(w1, b1, w2, h, dz):
+    """The CPU backward: the hand-written kernel of `spdjax.kernels` for float32 when it is built
+    (the CPU backend is the default one), else the chunked pure-JAX form."""
+    f32 = all(x.dtype == jnp.float32 for x in (w1, b1, w2, h, dz))
+    if f32 and jax.default_backend() == "cpu" and kernels.load():
+        return kernels.scalar_mlp_grads(w1, b1, w2, h, dz)
+    return _scalar_mlp_grads_chunked(w1, b1, w2, h, dz)
+
+
 def _scalar_mlp_fwd(w1, b1, w2, b2, h):
     return scalar_mlp(w1, b1, w2, b2, h), (w1, b1, w2, h)
 
@@ -157,7 +168,7 @@ def _scalar_mlp_bwd(res, dz):
     C = w1.shape[0]
     flat = (h.reshape(-1, C), dz.reshape(-1, C))
     dw1, db1, dw2, dh = jax.lax.platform_dependent(
-        w1, b1, w2, *flat, cpu=_scalar_mlp_grads_chunked, default=_scalar_mlp_grads
+        w1, b1, w2, *flat, cpu=_scalar_mlp_grads_cpu, default=_scalar_mlp_grads
     )
     return dw1, db1, dw2, jnp.sum(dz, tuple(range(dz.ndim - 1))), dh.reshape(h.shape)
 

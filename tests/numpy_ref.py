@@ -115,6 +115,21 @@ def gelu(x):
     return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
 
 
+def gelu_grad(x):
+    """d GELU / dx = Phi(x) + x phi(x)."""
+    x = f64(x)
+    return 0.5 * (1.0 + erf(x / math.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
+def scalar_mlp_vjp(w1, b1, w2, h, dz):
+    """VJP of z[n,c] = sum_k w2[c,k] GELU(w1[c,k] h[n,c] + b1[c,k]) + b2[c]: (dw1, db1, dw2, dh) for
+    w1, b1, w2: (C, H), h, dz: (N, C)."""
+    w1, b1, w2, h, dz = (f64(x) for x in (w1, b1, w2, h, dz))
+    pre = h[..., None] * w1 + b1  # (N, C, H)
+    g = dz[..., None] * w2 * gelu_grad(pre)
+    return (g * h[..., None]).sum(0), g.sum(0), (gelu(pre) * dz[..., None]).sum(0), (g * w1).sum(-1)
+
+
 def _mlp(layers, x):
     """Plain MLP on the last axis: GELU between layers, none after the last. layers: [(W, b)]."""
     for i, (w, b) in enumerate(layers):
