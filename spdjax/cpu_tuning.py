@@ -151,8 +151,17 @@ def _threefry2x32(k1, k2, x1, x2):
     return unpack(lax.fori_loop(0, 2, two_blocks, pack(a, b)))
 
 
+def _threefry_cpu(k1, k2, x1, x2):
+    """The CPU lowering: `spdjax.kernels`' C++ kernel when it is built, else `threefry2x32`."""
+    from spdjax import kernels
+
+    if kernels.load():
+        return kernels.threefry2x32(k1, k2, x1, x2)
+    return threefry2x32(k1, k2, x1, x2)
+
+
 def use_fast_threefry() -> bool:
-    """Registers `threefry2x32` as the CPU lowering of JAX's Threefry primitive; True if registered."""
+    """Registers `_threefry_cpu` as the CPU lowering of JAX's Threefry primitive; True if registered."""
     if os.environ.get("SPDJAX_NO_FAST_THREEFRY") == "1" or os.environ.get("SPDJAX_NO_CPU_TUNING") == "1":
         return False
     try:
@@ -160,7 +169,7 @@ def use_fast_threefry() -> bool:
         from jax.interpreters import mlir
     except ImportError:
         return False
-    mlir.register_lowering(threefry2x32_p, mlir.lower_fun(threefry2x32, multiple_results=True), platform="cpu")
+    mlir.register_lowering(threefry2x32_p, mlir.lower_fun(_threefry_cpu, multiple_results=True), platform="cpu")
     return True
 
 

@@ -1,8 +1,11 @@
 """Hand-written CPU kernels, registered with XLA through its FFI and used where XLA:CPU's own code is
-far from the floor. Today one: the backward of the per-subcomponent CI MLP (`scalar_mlp.cc`), which
-XLA:CPU runs as several memory-bound passes over the (rows, C, H) hidden layer.
+far from the floor:
+- `scalar_mlp.cc`: the backward of the per-subcomponent CI MLP (`spdjax.ci.scalar_mlp`), which XLA:CPU
+  runs as several memory-bound passes over the (rows, C, H) hidden layer;
+- `threefry.cc`: Threefry-2x32, the hash behind every `jax.random` draw (masks, data), bit for bit
+  JAX's; registered as the CPU lowering of its primitive by `spdjax.cpu_tuning`.
 
-The C++ source ships with the package and is compiled on first use with the system's C++ compiler
+The C++ sources ship with the package and are compiled on first use with the system's C++ compiler
 (`$CXX`, else `c++`, `g++` or `clang++`) against the FFI headers of the installed jaxlib, for this
 machine's CPU (`-march=native`). The library is cached under `$SPDJAX_KERNEL_CACHE` (default
 `~/.cache/spdjax/kernels`), keyed by the source, the flags, the compiler, jaxlib's version and the CPU's
@@ -31,9 +34,11 @@ import threading
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("scalar_mlp.cc")
+HERE = Path(__file__).parent
+SOURCES = ("scalar_mlp.cc", "threefry.cc")
+HEADERS = ("kernels_common.h",)
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
-TARGETS = {"spdjax_scalar_mlp_bwd": "SpdjaxScalarMlpBackward"}
+TARGETS = {"spdjax_scalar_mlp_bwd": "SpdjaxScalarMlpBackward", "spdjax_threefry2x32": "SpdjaxThreefry2x32"}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -71,7 +76,11 @@ def _build(cxx: str) -> Path:
     flags = (*FLAGS, *arch)
     key = hashlib.sha256(
         b"\0".join(
-            s.encode() for s in (SOURCE.read_text(), " ".join(flags), version, jaxlib.__version__, _cpu_features())
+            s.encode()
+            for s in (
+                *((HERE / f).read_text() for f in SOURCES + HEADERS),
+                " ".join(flags), version, jaxlib.__version__, _cpu_features(),
+            )
         )
     ).hexdigest()[:24]
     out = cache_dir() / f"spdjax_kernels_{key}.so"
@@ -80,7 +89,7 @@ def _build(cxx: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", *(str(HERE / f) for f in SOURCES), "-o", tmp]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         os.unlink(tmp)
@@ -121,6 +130,19 @@ def load() -> bool:
 def status() -> str:
     """One line: whether the kernels were loaded, switched off or unavailable (and why)."""
     return str(_state.get("detail", "not loaded yet"))
+
+
+def threefry2x32(k1, k2, x1, x2):
+    """Threefry-2x32-20 of uint32 arrays broadcast together -> `(y1, y2)`, as one CPU kernel (JAX's
+    `threefry2x32_p`, bit for bit). Call only when `load()` is True."""
+    import jax
+    import jax.numpy as jnp
+
+    shape = jnp.broadcast_shapes(*(jnp.shape(v) for v in (k1, k2, x1, x2)))
+    # the kernel broadcasts single elements itself; anything else is broadcast here
+    args = [v if jnp.size(v) == 1 or jnp.shape(v) == shape else jnp.broadcast_to(v, shape) for v in (k1, k2, x1, x2)]
+    out = jax.ShapeDtypeStruct(shape, jnp.uint32)
+    return tuple(jax.ffi.ffi_call("spdjax_threefry2x32", (out, out), vmap_method="broadcast_all")(*args))
 
 
 def scalar_mlp_grads(w1, b1, w2, h, dz):

@@ -8,34 +8,22 @@
 // Phi(x) = 0.5 (1 + erf(x / sqrt 2)) uses Abramowitz & Stegun 7.1.26 (|error in erf| <= 1.5e-7),
 // whose exp(-x^2 / 2) is also the normal density's, so the backward needs one exp per hidden unit.
 
-#include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "kernels_common.h"
 
 namespace {
 
 constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 
-// GCC/Clang vector extensions: one register of float lanes (16 with AVX-512, else 8).
-#if defined(__AVX512F__)
-constexpr int64_t kLanes = 16;
-#else
-constexpr int64_t kLanes = 8;
-#endif
+using kernels::kLanes;
 typedef float vf __attribute__((vector_size(kLanes * 4)));
 typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
 
@@ -92,46 +80,6 @@ inline void phi_parts(vf x, vf& cdf, vf& gauss) {
   cdf = x >= 0.0f ? 1.0f - half_tail : half_tail;
 }
 
-// Run f(begin, end, piece) for `pieces` pieces of [0, n) on the caller and up to `helpers` pool
-// threads, which claim pieces as they start: a helper that starts late finds fewer (or none) left, and
-// the caller never waits on a piece nobody has claimed (no deadlock when the pool is busy).
-template <typename F>
-void parallel_rows(ffi::ThreadPool& pool, int64_t n, int64_t pieces, int64_t helpers, F f) {
-  if (pieces <= 1 || helpers <= 0) {
-    int64_t piece = (n + pieces - 1) / pieces;
-    for (int64_t i = 0; i < pieces; ++i) f(i * piece, std::min(n, (i + 1) * piece), i);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto state = std::make_shared<State>();
-  int64_t piece = (n + pieces - 1) / pieces;
-  auto work = [state, piece, n, pieces, f]() {
-    for (int64_t i; (i = state->next.fetch_add(1)) < pieces;) {
-      f(i * piece, std::min(n, (i + 1) * piece), i);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
-  work();
-  while (state->done.load(std::memory_order_acquire) < pieces) std::this_thread::yield();
-}
-
-struct Split {
-  int64_t pieces, helpers;
-};
-
-// Pieces of at least ~32k hidden units (smaller ones cost more to schedule than they save), four per
-// thread so that the threads even out; no helpers on a one-thread pool.
-Split split(ffi::ThreadPool& pool, int64_t rows, int64_t units_per_row) {
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  int64_t by_size = std::max<int64_t>(1, rows * units_per_row / 32768);
-  int64_t pieces = std::min({4 * threads, by_size, rows});
-  return {pieces, std::min(threads, pieces) - 1};
-}
-
 int64_t padded(int64_t C) { return (C + kLanes - 1) / kLanes * kLanes; }
 
 // (C, H) weights as (H, Cp), Cp = C rounded up to whole vectors, zero-padded.
@@ -170,7 +118,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w1, ffi::Buffer<
   const float* hp = h.typed_data();
   const float* dzp = dz.typed_data();
   float* dhp = dh->typed_data();
-  const Split sp = split(pool, N, C * H);
+  const kernels::Split sp = kernels::split(pool, N, C * H, 32768);
   const int64_t tasks = sp.pieces;
   const int64_t block = H * Cp;
   // per piece, (3, H, Cp): the sums of dw1, db1, dw2 over its rows
@@ -179,7 +127,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w1, ffi::Buffer<
   const float* __restrict B1 = b1t.data();
   const float* __restrict W2 = w2t.data();
   float* const sums0 = sums.data();
-  parallel_rows(pool, N, tasks, sp.helpers, [=](int64_t r0, int64_t r1, int64_t task) {
+  kernels::parallel_rows(pool, N, tasks, sp.helpers, [=](int64_t r0, int64_t r1, int64_t task) {
     float* __restrict s1 = sums0 + task * 3 * block;  // dw1
     float* __restrict s0 = s1 + block;                // db1
     float* __restrict s2 = s0 + block;                // dw2
