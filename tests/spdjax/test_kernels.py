@@ -110,3 +110,29 @@ def test_switched_off(fresh_state):
     fresh_state.setenv("SPDJAX_NO_CPU_KERNELS", "1")
     assert kernels.load() is False
     assert kernels.status() == "off (SPDJAX_NO_CPU_KERNELS=1)"
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 1003, 100_003])
+def test_threefry_matches_the_xla_op_form(loaded, n):
+    """The Threefry kernel against `cpu_tuning.threefry2x32` (itself checked against Random123's known
+    answers and NumPy in test_cpu_tuning): scalar keys, per-element keys, one broadcast axis; sizes off
+    the vector width and big enough for several threads' pieces."""
+    from spdjax import cpu_tuning
+
+    rng = np.random.default_rng(n)
+    u32 = lambda *s: jnp.asarray(rng.integers(0, 2**32, s, dtype=np.uint64).astype(np.uint32))  # noqa: E731
+    x1, x2 = u32(n), u32(n)
+    cases = [(u32(), u32(), x1, x2), (u32(n), u32(n), x1, x2), (u32(), u32(n), x1, u32())]
+    if n:
+        cases.append((u32(3, 1), u32(), u32(3, n), u32(1, n)))  # broadcast along both axes
+    for args in cases:
+        got = jax.jit(kernels.threefry2x32)(*args)
+        want = jax.jit(cpu_tuning.threefry2x32)(*args)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == jnp.uint32
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_jax_random_lowers_to_the_threefry_kernel(loaded):
+    hlo = jax.jit(lambda k: jax.random.uniform(k, (5, 3))).lower(jax.random.key(0)).as_text()
+    assert "spdjax_threefry2x32" in hlo
