@@ -39,7 +39,7 @@ def get_config(arg=None):
             ),
         ),
         n_mask_samples=1, mask_type="continuous", use_delta_component=True, sigmoid="leaky_hard",
-        output_loss="mse", ci_l0_threshold=0.1, remat=False,
+        output_loss="mse", ci_l0_threshold=0.1, remat=False, low_rank_outputs=True,
     )
     cfg.optim = dict(
         steps=25_000, lr=3e-4, schedule="constant", warmup_frac=0.0, final_lr_frac=0.0,

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from spdjax import lowrank
+from spdjax.lowrank import LowRankSum
 from spdjax.sites import SiteSpec, apply_kernel, inner_acts, unflat_output
 
 
@@ -73,23 +75,40 @@ def masked_site_output(
     kernel: Float[Array, "d_in d_out"] | None,
     bias: Array | None,
     h: Float[Array, "*lead C"] | None = None,
-) -> Array:
+    low_rank: bool = False,
+) -> Array | LowRankSum:
     """Masked site output in factored form, never building per-example weights.
 
         y' = ((a V) * (m - m_delta)) U + m_delta * (a W^T) + b
 
     which equals a W'(x, r)^T + b with the delta term computed from the target's own site map.
     `delta_mask=None` drops the delta term: y' = ((a V) * m) U + b. `h`: the inner activations a V
-    when the caller already has them (they must be a V for this `a`).
+    when the caller already has them (they must be a V for this `a`). `low_rank`: for a linear site
+    whose output has rank (C, plus d_in with the delta term) below d_out, return it as a
+    `spdjax.lowrank.LowRankSum` of those factors. `a` may itself be a `LowRankSum` (linear sites).
     """
+    flat = spec.kind == "linear" and len(spec.in_shape) == 1 and len(spec.out_shape) == 1
+    if isinstance(a, LowRankSum) and not flat:
+        a = a.dense()
     if h is None:
-        h = inner_acts(spec, a, comp.V)
+        h = a @ comp.V if isinstance(a, LowRankSum) else inner_acts(spec, a, comp.V)
+    rank = comp.C + (spec.d_in if delta_mask is not None else 0)
+    if low_rank and flat and lowrank.pays(rank, spec.d_out):
+        if delta_mask is None:
+            return LowRankSum(bias, ((h * mask, comp.U),))
+        dm = delta_mask[..., None]
+        terms, base = ((h * (mask - dm), comp.U),), bias
+        if isinstance(a, LowRankSum):  # its m_delta (a W) as an array
+            base = (a @ kernel) * dm if base is None else (a @ kernel) * dm + base
+        else:
+            terms += ((a * dm, kernel),)
+        return LowRankSum(base, terms)
     if delta_mask is None:
         y = unflat_output(spec, (h * mask) @ comp.U)
     else:
         y = unflat_output(spec, (h * (mask - delta_mask[..., None])) @ comp.U)
         dm = delta_mask.reshape(delta_mask.shape + (1,) * len(spec.out_shape))
-        y = y + dm * apply_kernel(spec, a, kernel)
+        y = y + dm * (a @ kernel if isinstance(a, LowRankSum) else apply_kernel(spec, a, kernel))
     return y if bias is None else y + bias
 
 

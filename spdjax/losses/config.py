@@ -98,6 +98,9 @@ class LossConfig:
     ci_l0_threshold: float = 0.1
     remat: bool = False  # masked forward passes and CI functions under jax.checkpoint (recomputed in backward)
     vocab_chunk: int | None = None  # KL over the last axis in chunks of this many entries (large vocabularies)
+    # masked linear sites return low-rank outputs in factored form (spdjax.lowrank): for targets whose
+    # residual stream only adds site outputs and reads them through matrices (ResidMLP)
+    low_rank_outputs: bool = False
     flat_defaults: tuple[tuple[str, Any], ...] = ()
 
     def __init__(self, terms=None, *, coeffs=None, flat_defaults=(), **kwargs):
@@ -136,7 +139,7 @@ class LossConfig:
         if self.output_loss not in DIVERGENCES:
             raise ValueError(f"loss.output_loss: unknown {self.output_loss!r}; allowed: {list(DIVERGENCES)}")
         get_sigmoids(self.sigmoid)
-        for f in ("use_delta_component", "remat"):
+        for f in ("use_delta_component", "remat", "low_rank_outputs"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"loss.{f} must be a bool, got {getattr(self, f)!r}")
         vc = self.vocab_chunk

@@ -18,9 +18,10 @@ from jaxtyping import Array, Float
 from spdjax.ci import ci_raw
 from spdjax.components import masked_site_output, site_components
 from spdjax.decomposition import SPDParams
+from spdjax.lowrank import LowRankSum, dense
 from spdjax.masks import SiteMask
 from spdjax.sigmoids import get_sigmoids
-from spdjax.sites import inner_acts
+from spdjax.sites import inner_acts, unflat_output
 from spdjax.targets.base import Target
 
 DIVERGENCES = ("mse", "kl")
@@ -28,6 +29,7 @@ LOSS_MASK = "loss_mask"  # key of a per-position weight in a dict batch (sequenc
 
 _POSITION_WEIGHT: contextvars.ContextVar[Array | None] = contextvars.ContextVar("spdjax_position_weight", default=None)
 _VOCAB_CHUNK: contextvars.ContextVar[int | None] = contextvars.ContextVar("spdjax_vocab_chunk", default=None)
+_LOW_RANK: contextvars.ContextVar[bool] = contextvars.ContextVar("spdjax_low_rank_outputs", default=False)
 _CLEAN_INNER: contextvars.ContextVar[dict[str, tuple[Array, Array]] | None] = contextvars.ContextVar(
     "spdjax_clean_inner", default=None
 )
@@ -108,6 +110,18 @@ def shared_inner_acts(inner: dict[str, tuple[Array, Array]] | None) -> Iterator[
         yield
     finally:
         _CLEAN_INNER.reset(token)
+
+
+@contextlib.contextmanager
+def low_rank_outputs(enabled: bool) -> Iterator[None]:
+    """Inside this block (at trace time), `masked_forward`'s masked linear sites return their outputs
+    as `spdjax.lowrank.LowRankSum` where that pays (`loss.low_rank_outputs`): for targets whose
+    residual stream only adds site outputs and reads them through matrices (ResidMLP)."""
+    token = _LOW_RANK.set(enabled)
+    try:
+        yield
+    finally:
+        _LOW_RANK.reset(token)
 
 
 def batch_position_weight(batch: Any) -> Array | None:
@@ -198,6 +212,8 @@ def masked_forward(
 ) -> Array:
     """Target forward with each site in `site_masks` computing its masked factored map; others clean."""
 
+    low_rank = _LOW_RANK.get()
+
     def run(params, site_masks):
         inner = _CLEAN_INNER.get()
         masked_before = False
@@ -205,16 +221,19 @@ def masked_forward(
         def handler(spec, a, kernel, bias, layer_call):
             nonlocal masked_before
             if spec.name not in site_masks:
-                return layer_call(a)
+                if isinstance(a, LowRankSum) and spec.kind == "linear" and len(spec.in_shape) == 1:
+                    y = unflat_output(spec, a @ kernel)  # the target's own map, through a's factors
+                    return y if bias is None else y + bias
+                return layer_call(dense(a))
             m = site_masks[spec.name]
             comp = site_components(params.components, spec)
             h = None
             if not masked_before and inner is not None and spec.name in inner and inner[spec.name][0] is comp.V:
                 h = inner[spec.name][1]
             masked_before = True
-            return masked_site_output(spec, a, comp, m.mask, m.delta, kernel, bias, h=h)
+            return masked_site_output(spec, a, comp, m.mask, m.delta, kernel, bias, h=h, low_rank=low_rank)
 
-        return target.run(batch, handler)
+        return dense(target.run(batch, handler))
 
     return _maybe_remat(run, remat)(params, site_masks)
 

@@ -14,6 +14,7 @@ from spdjax.losses.forward import (
     clean_forward,
     clean_inner_acts,
     compute_ci,
+    low_rank_outputs,
     position_weights,
     shared_inner_acts,
     vocab_chunks,
@@ -67,7 +68,12 @@ def loss_fn(
             todo.append((name, config.options_for(name) if opts is None else opts))
     metrics: dict[str, Array] = {}
     total = jnp.zeros((), jnp.float32)
-    with position_weights(batch_position_weight(batch)), vocab_chunks(config.vocab_chunk), shared_inner_acts(inner):
+    with (
+        position_weights(batch_position_weight(batch)),
+        vocab_chunks(config.vocab_chunk),
+        shared_inner_acts(inner),
+        low_rank_outputs(config.low_rank_outputs),
+    ):
         for name, opts in todo:
             value = TERMS[name](ctx, opts)
             metrics[f"loss/{name}"] = value
