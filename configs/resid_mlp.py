@@ -2,7 +2,8 @@
 
 Every layer's `mlp_in` and `mlp_out` are sites with C subcomponents each; Adam with a constant LR,
 batch 2048, one mask sample, stochastic + layerwise reconstruction, importance minimality with p = 2,
-delta component and a 200-step faithfulness warm-up.
+delta component and a 200-step faithfulness warm-up. `loss.low_rank_outputs`: the masked `mlp_out` outputs
+stay factored through the residual stream (`spdjax.lowrank`; the same values with fewer FLOPs).
 
 | layers | features | d_mlp | C | CI hidden | lr | minimality | steps | target steps |
 |---|---|---|---|---|---|---|---|---|

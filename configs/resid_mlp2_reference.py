@@ -2,7 +2,8 @@
 configs/resid_mlp.py:2): CI `shared_mlp` with 256 hidden, stochastic-recon-subset 2 + PGD-recon-subset 2
 (uniform-k routing; one PGD step of size 1 from random sources shared across the batch), importance
 minimality 1e-4 (p = 2), delta component and 200-step faithfulness warm-up, Adam 3e-4 constant, 25k
-steps, batch 2048. `:smoke` shrinks it to run in seconds on CPU.
+steps, batch 2048. `:smoke` shrinks it to run in seconds on CPU. `loss.low_rank_outputs`: the masked `mlp_out`
+outputs stay factored through the residual stream (`spdjax.lowrank`; the same values with fewer FLOPs).
 """
 
 import ml_collections

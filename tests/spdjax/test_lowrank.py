@@ -60,8 +60,8 @@ TERMS = {
 }
 
 
-@pytest.mark.parametrize("use_delta", [True, False])
-def test_loss_and_grads_match_dense(x64, use_delta):
+@pytest.mark.parametrize("use_delta, n_samples", [(True, 1), (False, 1), (True, 2)])
+def test_loss_and_grads_match_dense(x64, use_delta, n_samples):
     target = _resid_target()
     target = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), target)
     params = spdjax.init_decomposition(jax.random.key(1), target, dtype=jnp.float64)
@@ -69,7 +69,7 @@ def test_loss_and_grads_match_dense(x64, use_delta):
     x = jax.random.uniform(jax.random.key(3), (16, 6), jnp.float64) * (jax.random.uniform(jax.random.key(4), (16, 6)) < 0.3)
     out = {}
     for low_rank in (False, True):
-        cfg = LossConfig(terms=TERMS, use_delta_component=use_delta, low_rank_outputs=low_rank)
+        cfg = LossConfig(terms=TERMS, use_delta_component=use_delta, low_rank_outputs=low_rank, n_mask_samples=n_samples)
         f = jax.value_and_grad(lambda p: loss_fn(p, target, x, jax.random.key(5), cfg, 0.5), has_aux=True)
         (loss, metrics), grads = jax.jit(f)(params)
         flops = jax.jit(f).lower(params).compile().cost_analysis()["flops"]
