@@ -14,7 +14,7 @@ from jaxtyping import Array, Float
 
 from spdjax import lowrank
 from spdjax.lowrank import LowRankSum
-from spdjax.sites import SiteSpec, apply_kernel, inner_acts, unflat_output
+from spdjax.sites import SiteSpec, apply_kernel, inner_acts, matmul, unflat_output
 
 
 @jax.tree_util.register_dataclass
@@ -104,9 +104,9 @@ def masked_site_output(
             terms += ((a * dm, kernel),)
         return LowRankSum(base, terms)
     if delta_mask is None:
-        y = unflat_output(spec, (h * mask) @ comp.U)
+        y = unflat_output(spec, matmul(h * mask, comp.U))
     else:
-        y = unflat_output(spec, (h * (mask - delta_mask[..., None])) @ comp.U)
+        y = unflat_output(spec, matmul(h * (mask - delta_mask[..., None]), comp.U))
         dm = delta_mask.reshape(delta_mask.shape + (1,) * len(spec.out_shape))
         y = y + dm * (a @ kernel if isinstance(a, LowRankSum) else apply_kernel(spec, a, kernel))
     return y if bias is None else y + bias

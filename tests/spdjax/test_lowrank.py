@@ -1,6 +1,7 @@
 """spdjax.lowrank and `loss.low_rank_outputs`: factored site outputs give the same losses and gradients
 as the dense ones (float64), on a 2-layer ResidMLP whose masked `mlp_out` outputs stay factored through
-the residual stream into the next layer's sites and the unembedding."""
+the residual stream into the next layer's sites and the unembedding. Also `sites.matmul`, the other
+reformulated product of the factored forward."""
 
 import jax
 import jax.numpy as jnp
@@ -87,3 +88,16 @@ def test_loss_and_grads_match_dense(x64, use_delta, n_samples):
 def test_low_rank_outputs_must_be_bool():
     with pytest.raises(ValueError, match="low_rank_outputs must be a bool"):
         LossConfig(low_rank_outputs=1)
+
+
+@pytest.mark.parametrize("k, n", [(1, 7), (2, 20), (4, 5), (20, 2), (9, 4), (6, 6)])
+def test_small_matmul_equals_dot(x64, k, n):
+    """`sites.matmul` (multiplies and a sum for a width <= SMALL_DOT) against `@`, values and gradients."""
+    from jax.test_util import check_grads
+
+    from spdjax.sites import matmul
+
+    rng = np.random.default_rng(k * 10 + n)
+    x, w = jnp.asarray(rng.normal(size=(3, 5, k))), jnp.asarray(rng.normal(size=(k, n)))
+    np.testing.assert_allclose(matmul(x, w), x @ w, rtol=1e-12, atol=1e-12)
+    check_grads(matmul, (x, w), order=2, modes=("fwd", "rev"))
