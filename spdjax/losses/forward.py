@@ -29,7 +29,10 @@ LOSS_MASK = "loss_mask"  # key of a per-position weight in a dict batch (sequenc
 
 _POSITION_WEIGHT: contextvars.ContextVar[Array | None] = contextvars.ContextVar("spdjax_position_weight", default=None)
 _VOCAB_CHUNK: contextvars.ContextVar[int | None] = contextvars.ContextVar("spdjax_vocab_chunk", default=None)
-_LOW_RANK: contextvars.ContextVar[bool] = contextvars.ContextVar("spdjax_low_rank_outputs", default=False)
+# None: off; else {(earlier site, later site): (V of the later, clean input of the earlier @ that V)}
+_LOW_RANK: contextvars.ContextVar[dict[tuple[str, str], tuple[Array, Array]] | None] = contextvars.ContextVar(
+    "spdjax_low_rank_outputs", default=None
+)
 _CLEAN_INNER: contextvars.ContextVar[dict[str, tuple[Array, Array]] | None] = contextvars.ContextVar(
     "spdjax_clean_inner", default=None
 )
@@ -112,12 +115,32 @@ def shared_inner_acts(inner: dict[str, tuple[Array, Array]] | None) -> Iterator[
         _CLEAN_INNER.reset(token)
 
 
+def clean_reads(
+    params: SPDParams, target: Target, inputs: dict[str, Array]
+) -> dict[tuple[str, str], tuple[Array, Array]]:
+    """`{(s, t): (V_t, a_s V_t)}` for linear sites s before t of the same input width (t untied): the
+    clean input of s read through t's V. Under `low_rank_outputs`, a masked pass in which t's input is
+    s's clean input plus low-rank site outputs (a residual stream) takes this product instead of its
+    own, so the passes' cotangents meet on one array and dL/dV_t gets one (d_in x batch) x (batch x C)
+    product for this part instead of one per pass (resid_mlp2: two of three removed). XLA drops the
+    pairs no pass uses."""
+    dense = [s for s in target.sites if s.kind == "linear" and len(s.in_shape) == 1]
+    out = {}
+    for i, s in enumerate(dense):
+        for t in dense[i + 1:]:
+            if t.tied_to is None and t.d_in == s.d_in:
+                V = params.components[t.name].V
+                out[(s.name, t.name)] = (V, inputs[s.name] @ V)
+    return out
+
+
 @contextlib.contextmanager
-def low_rank_outputs(enabled: bool) -> Iterator[None]:
+def low_rank_outputs(reads: dict[tuple[str, str], tuple[Array, Array]] | None) -> Iterator[None]:
     """Inside this block (at trace time), `masked_forward`'s masked linear sites return their outputs
     as `spdjax.lowrank.LowRankSum` where that pays (`loss.low_rank_outputs`): for targets whose
-    residual stream only adds site outputs and reads them through matrices (ResidMLP)."""
-    token = _LOW_RANK.set(enabled)
+    residual stream only adds site outputs and reads them through matrices (ResidMLP). `reads`:
+    `clean_reads` (None: off)."""
+    token = _LOW_RANK.set(reads)
     try:
         yield
     finally:
@@ -212,14 +235,25 @@ def masked_forward(
 ) -> Array:
     """Target forward with each site in `site_masks` computing its masked factored map; others clean."""
 
-    low_rank = _LOW_RANK.get()
+    reads = _LOW_RANK.get()
 
     def run(params, site_masks):
         inner = _CLEAN_INNER.get()
         masked_before = False
+        clean = {}  # id(a) -> (a, site) for the site inputs seen before any masked site
+
+        def read(spec, a, V):
+            """a V for a `LowRankSum` a whose base is a clean site input: through `reads`."""
+            src = clean.get(id(a.base)) if a.base is not None else None
+            if src is None or src[0] is not a.base or (src[1], spec.name) not in reads:
+                return None
+            V_t, product = reads[(src[1], spec.name)]
+            return product + LowRankSum(None, a.terms) @ V if V_t is V else None
 
         def handler(spec, a, kernel, bias, layer_call):
             nonlocal masked_before
+            if not masked_before and not isinstance(a, LowRankSum):
+                clean[id(a)] = (a, spec.name)
             if spec.name not in site_masks:
                 if isinstance(a, LowRankSum) and spec.kind == "linear" and len(spec.in_shape) == 1:
                     y = unflat_output(spec, a @ kernel)  # the target's own map, through a's factors
@@ -230,8 +264,12 @@ def masked_forward(
             h = None
             if not masked_before and inner is not None and spec.name in inner and inner[spec.name][0] is comp.V:
                 h = inner[spec.name][1]
+            elif isinstance(a, LowRankSum) and reads is not None:
+                h = read(spec, a, comp.V)
             masked_before = True
-            return masked_site_output(spec, a, comp, m.mask, m.delta, kernel, bias, h=h, low_rank=low_rank)
+            return masked_site_output(
+                spec, a, comp, m.mask, m.delta, kernel, bias, h=h, low_rank=reads is not None
+            )
 
         return dense(target.run(batch, handler))
 

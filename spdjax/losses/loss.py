@@ -13,6 +13,7 @@ from spdjax.losses.forward import (
     batch_position_weight,
     clean_forward,
     clean_inner_acts,
+    clean_reads,
     compute_ci,
     low_rank_outputs,
     position_weights,
@@ -72,7 +73,7 @@ def loss_fn(
         position_weights(batch_position_weight(batch)),
         vocab_chunks(config.vocab_chunk),
         shared_inner_acts(inner),
-        low_rank_outputs(config.low_rank_outputs),
+        low_rank_outputs(clean_reads(params, target, inputs) if config.low_rank_outputs else None),
     ):
         for name, opts in todo:
             value = TERMS[name](ctx, opts)
