@@ -5,8 +5,9 @@ A masked site's output is `((a V) * m) U + m_delta * (a W) + b`: a sum of produc
 the output to its residual stream and later reads that stream through matrices (the next sites, an
 unembedding), `LowRankSum` carries the factors instead of the `(*lead, d_out)` array: a read
 `stream @ W` costs `r d_out k` once plus `N r k` per row instead of `N d_out k`, and the sum is never
-built. On ResidMLP (`loss.low_rank_outputs`) this removes every `(batch, d_embed)`-sized product of
-the masked passes (see docs/results.md).
+built. An unmasked site that widens (d_in < d_out, e.g. a clean `mlp_out` in a layerwise pass) is
+carried the same way, as `a W`. On ResidMLP (`loss.low_rank_outputs`) this removes every
+`(batch, d_embed)`-sized product of the masked passes (see docs/results.md).
 
 `LowRankSum` supports `+` with arrays and other `LowRankSum`s, `@` with a matrix (giving an array),
 `.shape`, `.dtype`, `.ndim` and `dense()`. Anything else (a nonlinearity, a norm, indexing) raises a

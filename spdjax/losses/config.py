@@ -98,8 +98,8 @@ class LossConfig:
     ci_l0_threshold: float = 0.1
     remat: bool = False  # masked forward passes and CI functions under jax.checkpoint (recomputed in backward)
     vocab_chunk: int | None = None  # KL over the last axis in chunks of this many entries (large vocabularies)
-    # masked linear sites return low-rank outputs in factored form (spdjax.lowrank): for targets whose
-    # residual stream only adds site outputs and reads them through matrices (ResidMLP)
+    # masked passes keep low-rank linear site outputs in factored form (spdjax.lowrank): for targets
+    # whose residual stream only adds site outputs and reads them through matrices (ResidMLP)
     low_rank_outputs: bool = False
     flat_defaults: tuple[tuple[str, Any], ...] = ()
 

@@ -15,13 +15,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from spdjax import lowrank
 from spdjax.ci import ci_raw
 from spdjax.components import masked_site_output, site_components
 from spdjax.decomposition import SPDParams
 from spdjax.lowrank import LowRankSum, dense
 from spdjax.masks import SiteMask
 from spdjax.sigmoids import get_sigmoids
-from spdjax.sites import inner_acts, unflat_output
+from spdjax.sites import inner_acts
 from spdjax.targets.base import Target
 
 DIVERGENCES = ("mse", "kl")
@@ -136,9 +137,10 @@ def clean_reads(
 
 @contextlib.contextmanager
 def low_rank_outputs(reads: dict[tuple[str, str], tuple[Array, Array]] | None) -> Iterator[None]:
-    """Inside this block (at trace time), `masked_forward`'s masked linear sites return their outputs
-    as `spdjax.lowrank.LowRankSum` where that pays (`loss.low_rank_outputs`): for targets whose
-    residual stream only adds site outputs and reads them through matrices (ResidMLP). `reads`:
+    """Inside this block (at trace time), `masked_forward`'s linear sites return their outputs as
+    `spdjax.lowrank.LowRankSum` where that pays (`loss.low_rank_outputs`): a masked site's of rank C
+    (+ d_in with the delta term) and an unmasked widening site's (rank d_in) below d_out. For targets
+    whose residual stream only adds site outputs and reads them through matrices (ResidMLP). `reads`:
     `clean_reads` (None: off)."""
     token = _LOW_RANK.set(reads)
     try:
@@ -255,9 +257,12 @@ def masked_forward(
             if not masked_before and not isinstance(a, LowRankSum):
                 clean[id(a)] = (a, spec.name)
             if spec.name not in site_masks:
-                if isinstance(a, LowRankSum) and spec.kind == "linear" and len(spec.in_shape) == 1:
-                    y = unflat_output(spec, a @ kernel)  # the target's own map, through a's factors
+                flat = spec.kind == "linear" and len(spec.in_shape) == 1 and len(spec.out_shape) == 1
+                if isinstance(a, LowRankSum) and flat:
+                    y = a @ kernel  # the target's own map, through a's factors
                     return y if bias is None else y + bias
+                if reads is not None and flat and lowrank.pays(spec.d_in, spec.d_out):
+                    return LowRankSum(bias, ((a, kernel),))  # a widening map: its output has rank d_in
                 return layer_call(dense(a))
             m = site_masks[spec.name]
             comp = site_components(params.components, spec)
