@@ -87,7 +87,7 @@ def masked_site_output(
     whose output has rank (C, plus d_in with the delta term) below d_out, return it as a
     `spdjax.lowrank.LowRankSum` of those factors. `a` may itself be a `LowRankSum` (linear sites).
     """
-    flat = spec.kind == "linear" and len(spec.in_shape) == 1 and len(spec.out_shape) == 1
+    flat = lowrank.carries(spec)
     if isinstance(a, LowRankSum) and not flat:
         a = a.dense()
     if h is None:

@@ -73,6 +73,11 @@ def dense(a: Array | LowRankSum) -> Array:
     return a.dense() if isinstance(a, LowRankSum) else a
 
 
+def carries(spec) -> bool:
+    """Whether a site's inputs and outputs may be `LowRankSum`s: a linear site with flat in and out."""
+    return spec.kind == "linear" and len(spec.in_shape) == 1 and len(spec.out_shape) == 1
+
+
 def pays(rank: int, d_out: int) -> bool:
     """Whether a site output of this rank is worth carrying in factored form."""
     return rank < d_out

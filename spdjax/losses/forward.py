@@ -257,7 +257,7 @@ def masked_forward(
             if not masked_before and not isinstance(a, LowRankSum):
                 clean[id(a)] = (a, spec.name)
             if spec.name not in site_masks:
-                flat = spec.kind == "linear" and len(spec.in_shape) == 1 and len(spec.out_shape) == 1
+                flat = lowrank.carries(spec)
                 if isinstance(a, LowRankSum) and flat:
                     y = a @ kernel  # the target's own map, through a's factors
                     return y if bias is None else y + bias
